@@ -1,0 +1,116 @@
+"""Model execution: load a diffusers pipeline (base + optional VAE swap + fused LoRA) and run batched generations.
+
+One function loads, one function generates; the worker, `spo generate` and the evaluation code all go through them,
+so a seed gives the same image everywhere. Each image gets its own `torch.Generator`, so an image does not depend on
+what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model (or its LoRA / VAE) cannot be found or loaded."""
+
+
+def _is_local(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or Path(ref).exists()
+
+
+def load_pipeline(
+    base: str,
+    *,
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+    vae: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    local_files_only: bool | None = None,
+) -> DiffusionPipeline:
+    """Load a local diffusers folder or a hub id (when the hub is reachable), swap the VAE, fuse the LoRA.
+
+    The LoRA is fused into the UNet weights (and unloaded) so inference and compiled backends see one plain UNet.
+    """
+    if _is_local(base):
+        path = Path(base).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"no diffusers pipeline at {path} (model_index.json not found)")
+        base = str(path)
+    local_only = _is_local(base) if local_files_only is None else local_files_only
+    kwargs = {}
+    if vae is not None:
+        try:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, local_files_only=_is_local(vae))
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot load VAE {vae!r}: {err}") from err
+    try:
+        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype, local_files_only=local_only, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load pipeline {base!r}: {err}") from err
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    if lora is not None:
+        try:
+            pipe.load_lora_weights(lora, adapter_name="default", local_files_only=_is_local(lora))
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot load LoRA {lora!r}: {err}") from err
+        pipe.fuse_lora(lora_scale=lora_scale)
+        pipe.unload_lora_weights()
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to generate; requests that agree on the pipeline-wide fields share one batched call."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+
+
+def generate(
+    pipe: DiffusionPipeline,
+    requests: list[ImageRequest],
+    *,
+    steps: int,
+    guidance: float,
+    width: int,
+    height: int,
+    callback=None,
+) -> list[np.ndarray]:
+    """Run one pipeline call for all requests; returns uint8 RGB arrays (H, W, 3) in request order.
+
+    `callback(step_index, num_steps)` is called after every denoising step; raising from it aborts the call (the
+    worker uses that for cancellation).
+    """
+    generators = [torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in requests]
+
+    def on_step_end(_pipe, i, _t, kwargs):
+        if callback is not None:
+            callback(i + 1, steps)
+        return kwargs
+
+    negatives = [r.negative_prompt for r in requests]
+    out = pipe(
+        prompt=[r.prompt for r in requests],
+        negative_prompt=negatives if any(negatives) else None,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        width=width,
+        height=height,
+        generator=generators,
+        output_type="np",
+        callback_on_step_end=on_step_end,
+    )
+    return [np.clip(np.rint(im * 255.0), 0, 255).astype(np.uint8) for im in out.images]

@@ -1,0 +1,112 @@
+"""Evaluation on the shapes world: generate for fixed prompts x seeds, rate every image, summarise, save grids.
+
+Used for the base model's quality report (`spo eval base`) and by the fine-tuning comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from .rater import rate
+from .shapes import HELD_OUT, TRAIN_COMBOS, caption_for
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    split: str  # "train" | "heldout"
+    caption: str
+    seed: int
+
+
+def eval_items(n_train: int, n_heldout: int, seed: int = 1234) -> list[EvalItem]:
+    """Fixed prompts x seeds: training combinations cycled in a shuffled order, held-out ones cycled in order."""
+    rng = random.Random(seed)
+    train = list(TRAIN_COMBOS)
+    rng.shuffle(train)
+    items = [EvalItem("train", caption_for(*train[i % len(train)]), 10_000 + i) for i in range(n_train)]
+    items += [EvalItem("heldout", caption_for(*HELD_OUT[i % len(HELD_OUT)]), 20_000 + i) for i in range(n_heldout)]
+    return items
+
+
+def generate_and_rate(pipe, items: list[EvalItem], steps: int = 20, guidance: float = 5.0, batch: int = 48,
+                      desc: str = "eval") -> tuple[list[np.ndarray], list[dict]]:
+    from service.pipeline import ImageRequest, generate
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images: list[np.ndarray] = []
+    records: list[dict] = []
+    for start in tqdm(range(0, len(items), batch), desc=desc, dynamic_ncols=True):
+        chunk = items[start:start + batch]
+        out = generate(pipe, [ImageRequest(it.caption, it.seed) for it in chunk], steps=steps, guidance=guidance,
+                       width=size, height=size)
+        for it, img in zip(chunk, out, strict=True):
+            images.append(img)
+            rating = rate(img, it.caption).as_dict()
+            records.append({"split": it.split, "caption": it.caption, "seed": it.seed, **rating})
+    return images, records
+
+
+def summarise(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per split: rates of each alignment part being right, all three right, and mean quality parts."""
+    out: dict[str, dict[str, float]] = {}
+    for split in sorted({r["split"] for r in records}):
+        rs = [r for r in records if r["split"] == split]
+        out[split] = {"images": len(rs)}
+        for key in ("background", "colour", "shape", "all_right", "alignment", "uniformity", "crispness", "clean",
+                    "regularity", "quality", "total"):
+            out[split][key] = float(np.mean([float(r[key]) for r in rs]))
+    return out
+
+
+def labelled_grid(images: list[np.ndarray], labels: list[str], cols: int = 8, scale: int = 2) -> Image.Image:
+    """Images scaled up with a caption line under each, for reading results at a glance."""
+    h, w, _ = images[0].shape
+    tile_w, tile_h = w * scale, h * scale + 22
+    rows = (len(images) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * (tile_w + 4) + 4, rows * (tile_h + 4) + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+        r, c = divmod(i, cols)
+        x, y = 4 + c * (tile_w + 4), 4 + r * (tile_h + 4)
+        canvas.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.Resampling.NEAREST), (x, y))
+        words = label.replace(" background", "").replace("a ", "").split()
+        draw.text((x + 1, y + h * scale + 1), " ".join(words[:2]), fill="black")
+        draw.text((x + 1, y + h * scale + 11), " ".join(words[2:]), fill="gray")
+    return canvas
+
+
+def write_report(out: Path, title: str, summary: dict, records: list[dict], extra: dict | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"summary": summary, **(extra or {}), "images": records}, indent=1))
+    cols = ["images", "background", "colour", "shape", "all_right", "uniformity", "crispness", "clean", "regularity",
+            "quality"]
+    lines = [f"# {title}", "", "| split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for split, s in summary.items():
+        cells = [f"{int(s[c])}" if c == "images" else f"{s[c]:.3f}" for c in cols]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def evaluate_base(model: Path, out: Path, n_train: int = 240, n_heldout: int = 200, steps: int = 20,
+                  guidance: float = 5.0) -> dict:
+    """Quality of a base model on training and held-out combinations (DDIM, fixed seeds)."""
+    from service.pipeline import load_pipeline
+
+    pipe = load_pipeline(str(model))
+    items = eval_items(n_train, n_heldout)
+    images, records = generate_and_rate(pipe, items, steps=steps, guidance=guidance)
+    summary = summarise(records)
+    write_report(out, f"Base model quality: {model}", summary, records,
+                 {"model": str(model), "steps": steps, "guidance": guidance})
+    for split in ("train", "heldout"):
+        idx = [i for i, r in enumerate(records) if r["split"] == split][:32]
+        labelled_grid([images[i] for i in idx], [records[i]["caption"] for i in idx]).save(out / f"grid_{split}.png")
+    return summary

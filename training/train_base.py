@@ -1,0 +1,217 @@
+"""Train the spo-tiny base models from scratch on the shapes world: first the VAE, then UNet + text encoder(s).
+
+Read top to bottom: presets, data, VAE stage, latent cache, denoiser stage, save. The result is a plain diffusers
+pipeline folder (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`) that needs nothing from this project.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+from tqdm.auto import tqdm
+
+from . import architectures as arch
+from .plots import save_curves
+from .shapes import make_arrays
+
+
+@dataclass(frozen=True)
+class BasePreset:
+    kind: str  # "sd15" | "sdxl"
+    n_images: int = 30_000
+    vae_steps: int = 1_200
+    vae_batch: int = 24
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 1_800
+    unet_batch: int = 64
+    unet_lr: float = 6e-4
+    warmup: int = 100
+    caption_dropout: float = 0.1  # empty caption -> the unconditional branch used by classifier-free guidance
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.995
+    widths: arch.TinyWidths = field(default_factory=arch.TinyWidths)
+
+
+PRESETS: dict[str, BasePreset] = {
+    "tiny": BasePreset(kind="sd15"),
+    # The SDXL twin reuses spo-tiny's VAE (`--vae models/spo-tiny/vae`) and trains only the denoiser.
+    "tiny-xl": BasePreset(kind="sdxl", unet_steps=1_200, widths=arch.TinyWidths(unet_layers_per_block=1)),
+    # A few steps of everything: for tests and for checking a setup.
+    "smoke": BasePreset(kind="sd15", n_images=256, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, warmup=1,
+                        widths=arch.TinyWidths(vae_channels=(8, 8, 16, 16), unet_channels=(32, 32),
+                                               unet_layers_per_block=1, text_hidden=32, text_layers=1)),
+}
+PRESETS["smoke-xl"] = replace(PRESETS["smoke"], kind="sdxl")
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_vae(vae: AutoencoderKL, images: np.ndarray, p: BasePreset, gen: torch.Generator, log) -> AutoencoderKL:
+    opt = torch.optim.AdamW(vae.parameters(), lr=p.vae_lr, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(p.vae_steps), desc="vae", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = p.vae_lr * _lr_factor(step, p.warmup, p.vae_steps)
+        x = _to_tensor(images[torch.randint(len(images), (p.vae_batch,), generator=gen).numpy()])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + F.l1_loss(recon, x) + p.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))  # images span [-1, 1]: peak-to-peak 2
+        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}dB")
+        log({"stage": "vae", "step": step, "loss": loss.item(), "psnr": psnr, "lr": opt.param_groups[0]["lr"]})
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Posterior means of every image (unscaled); the denoiser stage trains on these, so the VAE runs once."""
+    out = [vae.encode(_to_tensor(images[i:i + batch])).latent_dist.mean
+           for i in tqdm(range(0, len(images), batch), desc="encode latents", dynamic_ncols=True)]
+    return torch.cat(out)
+
+
+def build_pipeline(kind: str, vae, tokenizer, text_encoders, unet):
+    scheduler = arch.sd_scheduler()
+    if kind == "sd15":
+        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    # Empty prompts are encoded like any other text (as in SD 1.5) rather than zeroed: the denoiser learned the
+    # unconditional branch from empty captions.
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=False)
+
+
+def condition(pipe, captions: list[str]) -> tuple[torch.Tensor, dict]:
+    """Text conditioning exactly as the diffusers pipeline computes it at inference (with gradients)."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=pipe.device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        return embeds, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(captions), 1)}
+    embeds, _ = pipe.encode_prompt(captions, device=pipe.device, num_images_per_prompt=1,
+                                   do_classifier_free_guidance=False)
+    return embeds, {}
+
+
+def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], p: BasePreset, gen: torch.Generator, log):
+    unet, encoders = pipe.unet, [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m]
+    trainable = [unet, *encoders]
+    params = [q for m in trainable for q in m.parameters()]
+    ema = [copy.deepcopy(m).requires_grad_(False) for m in trainable]
+    opt = torch.optim.AdamW(params, lr=p.unet_lr, weight_decay=1e-2)
+    alphas = pipe.scheduler.alphas_cumprod
+    for m in trainable:
+        m.train()
+    bar = tqdm(range(p.unet_steps), desc=f"{p.kind} denoiser", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = p.unet_lr * _lr_factor(step, p.warmup, p.unet_steps)
+        idx = torch.randint(len(latents), (p.unet_batch,), generator=gen)
+        drop = torch.rand(p.unet_batch, generator=gen) < p.caption_dropout
+        batch_captions = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+        x0 = latents[idx] * pipe.vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, len(alphas), (p.unet_batch,), generator=gen)
+        xt = pipe.scheduler.add_noise(x0, noise, t)
+        embeds, added = condition(pipe, batch_captions)
+        pred = unet(xt, t, encoder_hidden_states=embeds, added_cond_kwargs=added or None).sample
+        # Min-SNR-gamma weighting (Hang et al. 2023): faster, steadier convergence for epsilon prediction.
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=p.min_snr_gamma) / snr
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(p.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for m, e in zip(trainable, ema, strict=True):
+                for q, qe in zip(m.parameters(), e.parameters(), strict=True):
+                    qe.lerp_(q, 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log({"stage": "denoiser", "step": step, "loss": loss.item(), "grad_norm": float(grad_norm),
+             "lr": opt.param_groups[0]["lr"]})
+    with torch.no_grad():
+        for m, e in zip(trainable, ema, strict=True):
+            m.load_state_dict(e.state_dict())
+            m.eval()
+
+
+def train_base(preset: str, out: Path, seed: int = 0, vae_from: Path | None = None) -> Path:
+    """Train a tiny SD-architecture model from scratch and save it as a diffusers pipeline folder at `out`."""
+    if preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    p = PRESETS[preset]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    started = time.time()
+    log_path = out / "train_log.jsonl"
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed at the end of the run
+
+    def log(record: dict) -> None:
+        record["elapsed_s"] = round(time.time() - started, 2)
+        log_file.write(json.dumps(record) + "\n")
+
+    images, scenes = make_arrays(p.n_images, seed)
+    captions = [s.caption for s in scenes]
+    tokenizer = arch.write_tokenizer(out / "tokenizer")
+
+    if vae_from is not None:
+        vae = AutoencoderKL.from_pretrained(vae_from)
+    else:
+        vae = train_vae(arch.build_vae(p.widths), images, p, gen, log)
+    latents = encode_latents(vae, images)
+    if vae_from is None:
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    del images
+
+    if p.kind == "sd15":
+        encoders = [arch.build_sd15_text_encoder(tokenizer, p.widths)]
+        unet = arch.build_sd15_unet(p.widths)
+    else:
+        encoders = list(arch.build_sdxl_text_encoders(tokenizer, p.widths))
+        unet = arch.build_sdxl_unet(p.widths)
+    pipe = build_pipeline(p.kind, vae, tokenizer, encoders, unet)
+    pipe.set_progress_bar_config(disable=True)
+    train_denoiser(pipe, latents, captions, p, gen, log)
+    log_file.close()
+
+    pipe.save_pretrained(out, safe_serialization=True)
+    info = {"preset": preset, "seed": seed, "vae_from": str(vae_from) if vae_from else None,
+            "train_seconds": round(time.time() - started, 1), "config": asdict(p),
+            "scaling_factor": vae.config.scaling_factor}
+    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    save_curves(log_path, out / "train_curves.png")
+    return out
