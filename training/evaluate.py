@@ -58,7 +58,8 @@ def summarise(records: list[dict]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for split in sorted({r["split"] for r in records}):
         rs = [r for r in records if r["split"] == split]
-        out[split] = {"images": len(rs)}
+        both = [r["background"] == 1.0 and r["colour"] == 1.0 for r in rs]
+        out[split] = {"images": len(rs), "colours_right": float(np.mean(both))}
         for key in ("background", "colour", "shape", "all_right", "alignment", "uniformity", "crispness", "clean",
                     "regularity", "quality", "total"):
             out[split][key] = float(np.mean([float(r[key]) for r in rs]))
@@ -85,7 +86,7 @@ def labelled_grid(images: list[np.ndarray], labels: list[str], cols: int = 8, sc
 def write_report(out: Path, title: str, summary: dict, records: list[dict], extra: dict | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"summary": summary, **(extra or {}), "images": records}, indent=1))
-    cols = ["images", "background", "colour", "shape", "all_right", "uniformity", "crispness", "clean", "regularity",
+    cols = ["images", "background", "colour", "shape", "colours_right", "all_right", "uniformity", "crispness", "clean", "regularity",
             "quality"]
     lines = [f"# {title}", "", "| split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for split, s in summary.items():
