@@ -86,8 +86,8 @@ def labelled_grid(images: list[np.ndarray], labels: list[str], cols: int = 8, sc
 def write_report(out: Path, title: str, summary: dict, records: list[dict], extra: dict | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"summary": summary, **(extra or {}), "images": records}, indent=1))
-    cols = ["images", "background", "colour", "shape", "colours_right", "all_right", "uniformity", "crispness", "clean", "regularity",
-            "quality"]
+    cols = ["images", "background", "colour", "shape", "colours_right", "all_right", "uniformity", "crispness",
+            "clean", "regularity", "quality"]
     lines = [f"# {title}", "", "| split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for split, s in summary.items():
         cells = [f"{int(s[c])}" if c == "images" else f"{s[c]:.3f}" for c in cols]
