@@ -35,6 +35,23 @@ def _alpha(scheduler, t: torch.Tensor) -> torch.Tensor:
     return torch.where(t >= 0, alphas[t.clamp(min=0).long()], final)
 
 
+def _x0_and_eps(scheduler, out: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
+    if kind == "v_prediction":
+        return a_t.sqrt() * x - (1 - a_t).sqrt() * out, a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def predicted_x0(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int,
+                 sample: torch.Tensor) -> torch.Tensor:
+    """DDIM's predicted clean latent from the noise prediction at `timestep` (what the SPM scores mid-sampling)."""
+    t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1).expand(sample.shape[0])
+    a_t = _alpha(scheduler, t).reshape((sample.shape[0],) + (1,) * (sample.ndim - 1))
+    return _x0_and_eps(scheduler, model_output.double(), a_t, sample.double())[0].to(sample.dtype)
+
+
 def _ddim_mean_std(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor,
                    eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the eta-DDIM transition x_t -> x_prev, as `DDIMScheduler.step` computes them but with the
@@ -45,17 +62,7 @@ def _ddim_mean_std(scheduler, model_output: torch.Tensor, timestep: torch.Tensor
     shape = (b,) + (1,) * (sample.ndim - 1)
     a_t = _alpha(scheduler, t).reshape(shape)
     a_prev = _alpha(scheduler, prev_t).reshape(shape)
-    x = sample.double()
-    out = model_output.double()
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        eps = out
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    elif kind == "v_prediction":
-        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
-        eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
-    else:
-        raise ValueError(f"unsupported prediction_type {kind!r}")
+    x0, eps = _x0_and_eps(scheduler, model_output.double(), a_t, sample.double())
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * variance.sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps

@@ -1,0 +1,148 @@
+"""SPO sampling: a multi-sample eta-DDIM loop with the step-wise resampler (SPO.md §2).
+
+From `divert_start_step` on, every segment branches K candidates off one parent, lets each run `1 + inner_steps`
+stochastic steps on its own, scores the candidates with the step-aware preference model, keeps the best/worst pair
+when the preference is clear, and continues from ONE candidate picked uniformly at random (not the winner: continuing
+from the winner or the loser collapses results, per the paper's ablation). SD 1.5 uses `inner_steps = 0` (a branch at
+every step); SDXL uses 3 (branches at steps 4, 8, 12, 16).
+
+The sampler knows nothing about models: it takes `eps_fn(x, t, prompt_index) -> noise prediction` (classifier-free
+guidance applied inside) and `score_fn(x0_latents, prompt_index, t) -> scores`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .spo import compare, ddim_step, predicted_x0
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepPairs:
+    """Kept win/lose transitions. With `inner_steps = 0` both transitions start from the same parent."""
+
+    x_t_win: torch.Tensor  # (P, C, H, W) parent of the winning transition
+    x_t_lose: torch.Tensor  # (P, C, H, W) parent of the losing transition
+    timestep: torch.Tensor  # (P,) the parents' timestep t
+    x_prev_win: torch.Tensor  # (P, C, H, W) x_{t-1} on the winning side
+    x_prev_lose: torch.Tensor
+    prompt_index: torch.Tensor  # (P,) which prompt of the batch (its embedding lives with the caller)
+
+    def __len__(self) -> int:
+        return int(self.timestep.shape[0])
+
+    @staticmethod
+    def concat(parts: list[StepPairs]) -> StepPairs:
+        if not parts:
+            raise ValueError("no pairs")
+        return StepPairs(*(torch.cat([getattr(p, f) for p in parts]) for f in StepPairs.__dataclass_fields__))
+
+
+@dataclass
+class SampleResult:
+    pairs: StepPairs | None  # None when no comparison was clear enough
+    final_latents: torch.Tensor  # (B, C, H, W) the resampled trajectory's end
+    compared: int  # comparisons made (segments x batch)
+    kept: int  # comparisons kept as pairs
+    chosen: list[torch.Tensor]  # per segment: which candidate the resampler continued from, (B,)
+    best: list[torch.Tensor]  # per segment: best candidate index, (B,)
+
+    @property
+    def keep_rate(self) -> float:
+        return self.kept / max(self.compared, 1)
+
+
+@torch.no_grad()
+def spo_sample(
+    scheduler,
+    eps_fn: EpsFn,
+    score_fn: ScoreFn,
+    latents: torch.Tensor,
+    *,
+    num_steps: int = 20,
+    num_candidates: int = 4,
+    divert_start_step: int = 4,
+    inner_steps: int = 0,
+    threshold: float = 0.3,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> SampleResult:
+    """Sample a batch of trajectories from `latents` (x_T, already scaled by the scheduler's init sigma)."""
+    if num_candidates < 2:
+        raise ValueError("num_candidates must be >= 2 to form win/lose pairs")
+    if not 0 <= divert_start_step < num_steps:
+        raise ValueError(f"divert_start_step must be in [0, {num_steps}), got {divert_start_step}")
+    scheduler.set_timesteps(num_steps, device=latents.device)
+    timesteps = scheduler.timesteps
+    b = latents.shape[0]
+    k = num_candidates
+    prompts = torch.arange(b, device=latents.device)
+    x = latents
+    eps = None  # the noise prediction for x at timesteps[i], when already computed
+    pairs: list[StepPairs] = []
+    chosen, bests = [], []
+    compared = kept = 0
+
+    i = 0
+    while i < num_steps:
+        t = timesteps[i]
+        if eps is None:
+            eps = eps_fn(x, t.expand(b), prompts)
+        if i < divert_start_step:
+            x = ddim_step(scheduler, eps, t, x, eta, generator=generator)
+            eps = None
+            i += 1
+            continue
+
+        # Branch: K candidates from the same parent and the same prediction, independent noise, then each runs on.
+        seg = min(1 + inner_steps, num_steps - i)
+        states = [x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])]
+        cand_eps = eps.unsqueeze(0).expand(k, *eps.shape).reshape(k * b, *eps.shape[1:])
+        cand_prompts = prompts.repeat(k)
+        for s in range(seg):
+            ts = timesteps[i + s]
+            if s > 0:
+                cand_eps = eps_fn(states[-1], ts.expand(k * b), cand_prompts)
+            states.append(ddim_step(scheduler, cand_eps, ts, states[-1], eta, generator=generator))
+
+        # Score each candidate as the SPM sees it at the candidates' own timestep.
+        end = i + seg
+        if end < num_steps:
+            t_end = timesteps[end]
+            next_eps = eps_fn(states[-1], t_end.expand(k * b), cand_prompts)
+            x0 = predicted_x0(scheduler, next_eps, t_end, states[-1])
+        else:
+            t_end = torch.zeros((), dtype=timesteps.dtype, device=timesteps.device)
+            next_eps = None
+            x0 = states[-1]
+        scores = score_fn(x0, cand_prompts, t_end.expand(k * b)).reshape(k, b)
+        (best, worst), keep = compare(scores, threshold)
+        compared += b
+        kept += int(keep.sum())
+        bests.append(best)
+
+        if keep.any():
+            rows = torch.nonzero(keep).flatten()
+            view = [st.reshape(k, b, *x.shape[1:]) for st in states]
+            for s in range(seg):
+                pairs.append(StepPairs(
+                    x_t_win=view[s][best[rows], rows], x_t_lose=view[s][worst[rows], rows],
+                    timestep=timesteps[i + s].expand(len(rows)).clone(),
+                    x_prev_win=view[s + 1][best[rows], rows], x_prev_lose=view[s + 1][worst[rows], rows],
+                    prompt_index=rows.clone()))
+
+        # The step-wise resampler: continue from a uniformly random candidate, reusing its prediction.
+        pick = torch.randint(k, (b,), generator=generator, device=latents.device)
+        chosen.append(pick)
+        flat = pick * b + prompts
+        x = states[-1][flat]
+        eps = next_eps[flat] if next_eps is not None else None
+        i = end
+
+    return SampleResult(StepPairs.concat(pairs) if pairs else None, x, compared, kept, chosen, bests)
