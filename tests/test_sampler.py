@@ -86,3 +86,18 @@ def test_inner_steps_branch_every_segment_and_chain_transitions():
 def test_same_generator_same_samples():
     a, b = _run(), _run()
     assert torch.equal(a.final_latents, b.final_latents) and torch.equal(a.pairs.x_prev_win, b.pairs.x_prev_win)
+
+
+def test_per_prompt_generators_make_a_prompt_independent_of_its_batch():
+    """Seeds independent of world size: prompt j's trajectory is the same in a batch of 3 or alone."""
+    sch = _scheduler()
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    gens = [torch.Generator().manual_seed(100 + j) for j in range(3)]
+    full = spo_sample(sch, eps_fn, score_by_mean, latents, threshold=-1.0, generator=gens)
+
+    def eps_shifted(x, t, prompt_index):  # prompt 2 alone is prompt index 0 in its own batch
+        return eps_fn(x, t, prompt_index + 2)
+
+    alone = spo_sample(_scheduler(), eps_shifted, score_by_mean, latents[2:], threshold=-1.0,
+                       generator=[torch.Generator().manual_seed(102)])
+    torch.testing.assert_close(full.final_latents[2:], alone.final_latents)

@@ -71,9 +71,13 @@ def spo_sample(
     inner_steps: int = 0,
     threshold: float = 0.3,
     eta: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> SampleResult:
-    """Sample a batch of trajectories from `latents` (x_T, already scaled by the scheduler's init sigma)."""
+    """Sample a batch of trajectories from `latents` (x_T, already scaled by the scheduler's init sigma).
+
+    `generator` may be one generator per prompt: then every random draw of a prompt's trajectory comes from its own
+    generator, so results do not depend on how prompts are split across processes or batches.
+    """
     if num_candidates < 2:
         raise ValueError("num_candidates must be >= 2 to form win/lose pairs")
     if not 0 <= divert_start_step < num_steps:
@@ -95,7 +99,7 @@ def spo_sample(
         if eps is None:
             eps = eps_fn(x, t.expand(b), prompts)
         if i < divert_start_step:
-            x = ddim_step(scheduler, eps, t, x, eta, generator=generator)
+            x = ddim_step(scheduler, eps, t, x, eta, noise=_randn(x, generator, prompts))
             eps = None
             i += 1
             continue
@@ -109,7 +113,8 @@ def spo_sample(
             ts = timesteps[i + s]
             if s > 0:
                 cand_eps = eps_fn(states[-1], ts.expand(k * b), cand_prompts)
-            states.append(ddim_step(scheduler, cand_eps, ts, states[-1], eta, generator=generator))
+            noise = _randn(states[-1], generator, cand_prompts)
+            states.append(ddim_step(scheduler, cand_eps, ts, states[-1], eta, noise=noise))
 
         # Score each candidate as the SPM sees it at the candidates' own timestep.
         end = i + seg
@@ -138,7 +143,7 @@ def spo_sample(
                     prompt_index=rows.clone()))
 
         # The step-wise resampler: continue from a uniformly random candidate, reusing its prediction.
-        pick = torch.randint(k, (b,), generator=generator, device=latents.device)
+        pick = _randint(k, generator, prompts)
         chosen.append(pick)
         flat = pick * b + prompts
         x = states[-1][flat]
@@ -146,3 +151,18 @@ def spo_sample(
         i = end
 
     return SampleResult(StepPairs.concat(pairs) if pairs else None, x, compared, kept, chosen, bests)
+
+
+def _randn(like: torch.Tensor, generator, rows: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped like `like`; with per-prompt generators, row r draws from generator[rows[r]]."""
+    if not isinstance(generator, list):
+        return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
+    return torch.stack([torch.randn(like.shape[1:], generator=generator[int(r)], dtype=torch.float32)
+                        for r in rows.tolist()]).to(like.device)
+
+
+def _randint(k: int, generator, rows: torch.Tensor) -> torch.Tensor:
+    if not isinstance(generator, list):
+        return torch.randint(k, (len(rows),), generator=generator).to(rows.device)
+    return torch.tensor([int(torch.randint(k, (1,), generator=generator[int(r)])) for r in rows.tolist()],
+                        device=rows.device)
