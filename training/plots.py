@@ -25,7 +25,8 @@ def image_grid(images: list[np.ndarray] | np.ndarray, cols: int, pad: int = 2, s
     return grid
 
 
-def save_curves(log_path: Path, out_png: Path, keys: tuple[str, ...] = ("loss", "psnr"), smooth: int = 25) -> Path:
+def save_curves(log_path: Path, out_png: Path, keys: tuple[str, ...] = ("loss", "psnr"), smooth: int = 25,
+                step_key: str = "step") -> Path:
     """One panel per (stage, key) found in a jsonl training log, with a moving average over `smooth` records."""
     import matplotlib
 
@@ -36,8 +37,8 @@ def save_curves(log_path: Path, out_png: Path, keys: tuple[str, ...] = ("loss", 
     for line in Path(log_path).read_text().splitlines():
         rec = json.loads(line)
         for k in keys:
-            if k in rec:
-                series[(rec.get("stage", "train"), k)].append((rec["step"], rec[k]))
+            if k in rec and rec[k] is not None and not (isinstance(rec[k], float) and np.isnan(rec[k])):
+                series[(rec.get("stage", "train"), k)].append((rec[step_key], rec[k]))
     if not series:
         return out_png
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.4), squeeze=False)
@@ -47,8 +48,8 @@ def save_curves(log_path: Path, out_png: Path, keys: tuple[str, ...] = ("loss", 
         if len(vals) >= smooth:
             ax.plot(steps[smooth - 1:], np.convolve(vals, np.ones(smooth) / smooth, mode="valid"), lw=1.5)
         ax.set_title(f"{stage}: {key}")
-        ax.set_xlabel("step")
-        if key == "loss":
+        ax.set_xlabel(step_key)
+        if key == "loss" and (vals > 0).all():
             ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
