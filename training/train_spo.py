@@ -329,10 +329,10 @@ def train_spo(
         base_score = score_fn_for(batch_prompts)
         score_time = [0.0]
 
-        def timed_score(x0, idx, t, _score=base_score):
+        def timed_score(x0, idx, t, _score=base_score, _spent=score_time):
             s0 = time.perf_counter()
             result = _score(x0, idx, t)
-            score_time[0] += time.perf_counter() - s0
+            _spent[0] += time.perf_counter() - s0
             return result
 
         def eps_fn(x, t, idx, _pb=pb):
@@ -400,8 +400,8 @@ def train_spo(
     if accelerator.is_main_process:
         save_result(pipe, accelerator.unwrap_model(unet), out, full_unet, base, preset, p, seed)
         if log_path.exists():
-            save_curves(log_path, out / "spo_curves.png", keys=("loss", "keep_rate", "ratio_win_mean",
-                                                                "ratio_lose_mean", "heldout_quality"), smooth=5, step_key="batch")
+            keys = ("loss", "keep_rate", "ratio_win_mean", "ratio_lose_mean", "heldout_quality")
+        save_curves(log_path, out / "spo_curves.png", keys=keys, smooth=5, step_key="batch")
     accelerator.end_training()
     return out
 
