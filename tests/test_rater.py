@@ -96,3 +96,16 @@ def test_blank_image_has_no_shape():
 def test_rejects_non_rgb():
     with pytest.raises(ValueError):
         rate(np.zeros((64, 64)), "a red circle on a blue background")
+
+
+def test_win_rate_counts_ties_half_and_brackets_the_estimate():
+    from training.evaluate import win_rate
+
+    r = win_rate([1, 2, 3, 4], [0, 2, 5, 1])
+    assert r["win_rate"] == pytest.approx((2 + 0.5) / 4)
+    assert (r["wins"], r["ties"], r["losses"]) == (2, 1, 1)
+    assert r["ci_low"] < r["win_rate"] < r["ci_high"]
+    big = win_rate([1.0] * 300, [0.0] * 300)
+    assert big["win_rate"] == 1.0 and big["ci_low"] > 0.98
+    with pytest.raises(ValueError):
+        win_rate([], [])

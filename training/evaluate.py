@@ -6,6 +6,7 @@ Used for the base model's quality report (`spo eval base`) and by the fine-tunin
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,3 +112,67 @@ def evaluate_base(model: Path, out: Path, n_train: int = 240, n_heldout: int = 2
         idx = [i for i, r in enumerate(records) if r["split"] == split][:32]
         labelled_grid([images[i] for i in idx], [records[i]["caption"] for i in idx]).save(out / f"grid_{split}.png")
     return summary
+
+
+def win_rate(ours: list[float], theirs: list[float], z: float = 1.96) -> dict[str, float]:
+    """Paired win-rate (ties count half) with a Wilson score interval at confidence z."""
+    if len(ours) != len(theirs) or not ours:
+        raise ValueError("win_rate needs two non-empty lists of equal length")
+    a, b = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    n = len(a)
+    p = float(((a > b) + 0.5 * (a == b)).mean())
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"win_rate": p, "ci_low": centre - half, "ci_high": centre + half, "n": n,
+            "wins": int((a > b).sum()), "ties": int((a == b).sum()), "losses": int((a < b).sum())}
+
+
+def evaluate_models(models: dict[str, tuple[str, str | None]], out: Path, n_heldout: int = 256, n_train: int = 0,
+                    steps: int = 20, guidance: float = 5.0, grid_rows: int = 8) -> dict:
+    """Generate the same prompts x seeds with every model (the first is the baseline), rate, compare, report.
+
+    `models` maps a display name to (base pipeline folder, LoRA or None).
+    """
+    from service.pipeline import load_pipeline
+
+    items = eval_items(n_train, n_heldout)
+    images: dict[str, list[np.ndarray]] = {}
+    records: dict[str, list[dict]] = {}
+    for name, (base, lora) in models.items():
+        pipe = load_pipeline(base, lora=lora)
+        images[name], records[name] = generate_and_rate(pipe, items, steps=steps, guidance=guidance, desc=name)
+    names = list(models)
+    baseline = names[0]
+    summary = {name: summarise(records[name]) for name in names}
+    comparisons = {}
+    for name in names[1:]:
+        comparisons[name] = {key: win_rate([r[key] for r in records[name]], [r[key] for r in records[baseline]])
+                             for key in ("quality", "alignment", "total")}
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"models": {n: {"base": b, "lora": lo} for n, (b, lo) in models.items()}, "steps": steps,
+              "guidance": guidance, "summary": summary, f"vs_{baseline}": comparisons,
+              "images": {n: records[n] for n in names}}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+
+    lines = [f"# Evaluation: {', '.join(names)}", "",
+             f"{len(items)} images per model (DDIM {steps} steps, CFG {guidance}, fixed seeds).", "",
+             "| model | split | background | colour | shape | all right | uniformity | crispness | clean | regularity "
+             "| quality | alignment |", "|---" * 12 + "|"]
+    for name in names:
+        for split, s in summary[name].items():
+            lines.append(f"| {name} | {split} | " + " | ".join(f"{s[k]:.3f}" for k in (
+                "background", "colour", "shape", "all_right", "uniformity", "crispness", "clean", "regularity",
+                "quality", "alignment")) + " |")
+    lines += ["", f"Win-rate against {baseline} (ties count half; 95% Wilson interval):", "",
+              "| model | quality | alignment | total |", "|---|---|---|---|"]
+    for name, comp in comparisons.items():
+        cells = [f"{c['win_rate']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]" for c in comp.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+    # Side by side: one row per prompt, one column per model.
+    rows = list(range(0, len(items), max(1, len(items) // grid_rows)))[:grid_rows]
+    tiles = [images[name][i] for i in rows for name in names]
+    labels = [f"{name}: {records[name][i]['caption']}" for i in rows for name in names]
+    labelled_grid(tiles, labels, cols=len(names)).save(out / "side_by_side.png")
+    return result
