@@ -167,6 +167,16 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], p: BasePres
             m.eval()
 
 
+def store_unet_fp16(folder: Path) -> None:
+    """Rewrite the UNet's weights in fp16: half the size (the committed models stay small); diffusers loads them
+    into fp32 modules by default, and the images differ by about 0.01/255."""
+    from safetensors.torch import load_file, save_file
+
+    for f in Path(folder).glob("*.safetensors"):
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}, f,
+                  metadata={"format": "pt"})
+
+
 def train_base(preset: str, out: Path, seed: int = 0, vae_from: Path | None = None) -> Path:
     """Train a tiny SD-architecture model from scratch and save it as a diffusers pipeline folder at `out`."""
     if preset not in PRESETS:
@@ -209,6 +219,7 @@ def train_base(preset: str, out: Path, seed: int = 0, vae_from: Path | None = No
     log_file.close()
 
     pipe.save_pretrained(out, safe_serialization=True)
+    store_unet_fp16(out / "unet")
     info = {"preset": preset, "seed": seed, "vae_from": str(vae_from) if vae_from else None,
             "train_seconds": round(time.time() - started, 1), "config": asdict(p),
             "scaling_factor": vae.config.scaling_factor}
