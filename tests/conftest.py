@@ -26,3 +26,24 @@ def tiny_model() -> Path:
     if not (path / "model_index.json").is_file():
         pytest.skip("models/spo-tiny is not present (train it with `spo train base --preset tiny`)")
     return path
+
+
+@pytest.fixture(scope="session")
+def random_pipeline(tmp_path_factory) -> Path:
+    """An untrained SD1.5-architecture pipeline folder (the smoke widths), built in about a second.
+
+    For tests of code that runs a pipeline but does not care what it draws (preference data, SPM training).
+    """
+    import torch
+
+    from training import architectures as arch
+    from training.train_base import PRESETS, build_pipeline
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("random") / "model"
+    widths = PRESETS["smoke"].widths
+    tokenizer = arch.write_tokenizer(out / "tokenizer")
+    pipe = build_pipeline("sd15", arch.build_vae(widths), tokenizer,
+                          [arch.build_sd15_text_encoder(tokenizer, widths)], arch.build_sd15_unet(widths))
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -19,6 +19,16 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _float_list(value: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
 def _cmd_data_shapes(args, parser) -> int:
     from .shapes import write_dataset
 
@@ -51,6 +61,67 @@ def _cmd_eval_base(args, parser) -> int:
     return 0
 
 
+def _cmd_data_pairs(args, parser) -> int:
+    from .preference_data import write_pairs
+
+    if not (Path(args.model) / "model_index.json").is_file():
+        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r} (model_index.json missing)")
+    if args.temperature < 0:
+        parser.error(f"argument --temperature: must be >= 0, got {args.temperature}")
+    if any(g < 0 for g in args.guidance):
+        parser.error(f"argument --guidance: scales must be >= 0, got {args.guidance}")
+    if args.tie_rate < 0:
+        parser.error(f"argument --tie-rate: must be >= 0, got {args.tie_rate}")
+    summary = write_pairs(args.model, args.out, args.n, temperature=args.temperature, seed=args.seed,
+                          split=args.split, tie_rate=args.tie_rate, steps=args.steps, guidance=args.guidance,
+                          batch=args.batch, device=args.device)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_train_spm(args, parser) -> int:
+    from .train_spm import PRESETS, train_spm
+
+    if args.preset not in PRESETS:
+        parser.error(f"argument --preset: choose from {sorted(PRESETS)}")
+    if not Path(args.data).is_dir():
+        parser.error(f"argument --data: no folder at {args.data!r}")
+    if not (Path(args.model) / "model_index.json").is_file():
+        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r} (model_index.json missing)")
+    if args.init is not None and not (Path(args.init) / "config.json").is_file():
+        parser.error(f"argument --init: no CLIP / PickScore checkpoint folder at {args.init!r} (config.json missing)")
+    if args.eval_data is not None and not Path(args.eval_data).is_dir():
+        parser.error(f"argument --eval-data: no folder at {args.eval_data!r}")
+    if PRESETS[args.preset].clip != "tiny" and args.init is None and args.tokenizer is None:
+        parser.error("argument --init: the sd15/sdxl presets start from a PickScore / CLIP ViT-H/14 folder")
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                   ("micro_batch", args.micro_batch), ("lr", args.lr), ("warmup", args.warmup),
+                                   ("eval_every", args.eval_every), ("save_every", args.save_every),
+                                   ("eval_pairs", args.eval_pairs)) if v is not None}
+    out = train_spm(args.data, args.model, args.out, args.preset, init=args.init, tokenizer=args.tokenizer,
+                    eval_data=args.eval_data, time_conditioning=not args.no_time_conditioning, seed=args.seed,
+                    resume=args.resume, stop_after=args.stop_after, overrides=overrides)
+    print(f"saved the step-aware preference model to {out}")
+    return 0
+
+
+def _cmd_eval_spm(args, parser) -> int:
+    from .evaluate_spm import evaluate_spm
+
+    for flag, value in (("--model", args.model), ("--ablation", args.ablation)):
+        if value is not None and not (Path(value) / "spm_config.json").is_file():
+            parser.error(f"argument {flag}: no SPM folder at {value!r} (spm_config.json missing)")
+    if args.base_model is not None and not (Path(args.base_model) / "model_index.json").is_file():
+        parser.error(f"argument --base-model: no diffusers pipeline folder at {args.base_model!r}")
+    summary = evaluate_spm(args.model, ablation=args.ablation, base_model=args.base_model, n_pairs=args.pairs,
+                           seed=args.seed, guidance=args.guidance, json_path=args.json, device=args.device)
+    print(f"pairwise accuracy against the rater's noiseless preference on {summary['pairs']} fresh held-out pairs "
+          f"({summary['clear_pairs']} with a clear preference, rater gap >= {summary['clear_gap']:g}; "
+          f"{summary['rater_ties_left_out']} rater ties left out):")
+    print(summary["table"])
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("shapes", help="write shapes-world images + metadata.jsonl")
@@ -60,6 +131,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
                    help="which (colour, shape, background) combinations to draw from")
     p.set_defaults(func=_cmd_data_shapes, _parser=p)
+    p = data.add_parser("pairs", help="write Pick-a-Pic-format preference pairs from a model's own generations")
+    p.add_argument("--model", default="models/spo-tiny", help="diffusers pipeline folder that generates the images")
+    p.add_argument("--n", type=_positive_int, required=True, help="number of pairs")
+    p.add_argument("--out", required=True, help="folder for the parquet shards (an interrupted run resumes)")
+    p.add_argument("--temperature", type=float, default=0.005,
+                   help="Bradley-Terry temperature T: P(image_0 wins) = sigmoid((total_0 - total_1) / T); "
+                        "0 = noiseless")
+    p.add_argument("--tie-rate", type=float, default=0.0, help="Davidson tie parameter nu (0: no ties)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
+                   help="which (colour, shape, background) combinations the prompts come from")
+    p.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps")
+    p.add_argument("--guidance", type=_float_list, default=(5.0,),
+                   help="CFG scale, or a comma list from which each image draws its own (e.g. 1,1.5,2,3,5,7.5)")
+    p.add_argument("--batch", type=_positive_int, default=32, help="pairs per pipeline call")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_data_pairs, _parser=p)
 
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True)
     p = train.add_parser("base", help="train spo-tiny (or its SDXL twin) from scratch on the shapes world")
@@ -68,6 +156,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default=None, help="reuse a trained AutoencoderKL folder instead of training one")
     p.set_defaults(func=_cmd_train_base, _parser=p)
+    p = train.add_parser("spm", help="train the step-aware preference model (also under `accelerate launch`)")
+    p.add_argument("--data", required=True, help="folder of Pick-a-Pic-format pairs (*.parquet or *.jsonl)")
+    p.add_argument("--model", default="models/spo-tiny",
+                   help="the diffusion pipeline whose x0 predictions the SPM sees")
+    p.add_argument("--out", default="runs/spm")
+    p.add_argument("--preset", default="tiny", help="tiny | sd15 | sdxl")
+    p.add_argument("--init", default=None, help="CLIP / PickScore checkpoint folder to start from (sd15/sdxl)")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder when --init has none (PickScore_v1)")
+    p.add_argument("--eval-data", default=None, help="pairs for periodic evaluation (tiny: generated when omitted)")
+    p.add_argument("--no-time-conditioning", action="store_true", help="ablation: a plain CLIP scorer, t ignored")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    p.add_argument("--stop-after", type=_positive_int, default=None, help="stop (with a checkpoint) after N steps")
+    p.add_argument("--steps", type=_positive_int, default=None, help="override the preset's optimizer steps")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="override: pairs per step, all processes")
+    p.add_argument("--micro-batch", type=_positive_int, default=None, help="override: pairs per process per pass")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="override: linear warm-up steps")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (0: never)")
+    p.add_argument("--eval-pairs", type=_positive_int, default=None)
+    p.add_argument("--save-every", type=_positive_int, default=None, help="steps between checkpoints")
+    p.set_defaults(func=_cmd_train_spm, _parser=p)
 
     ev = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="eval_command", required=True)
     p = ev.add_parser("base", help="rate a base model's images on training and held-out combinations")
@@ -78,3 +188,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.set_defaults(func=_cmd_eval_base, _parser=p)
+    p = ev.add_parser("spm", help="pairwise accuracy of an SPM against the rater at several denoising steps")
+    p.add_argument("--model", required=True, help="SPM folder written by `spo train spm`")
+    p.add_argument("--ablation", default=None, help="SPM folder trained with --no-time-conditioning")
+    p.add_argument("--base-model", default=None, help="diffusion pipeline (default: the one the SPM was trained with)")
+    p.add_argument("--pairs", type=_positive_int, default=500, help="fresh held-out pairs to generate")
+    p.add_argument("--guidance", type=_float_list, default=(5.0,),
+                   help="CFG scale(s) of the fresh pairs' images, as for `spo data pairs`")
+    p.add_argument("--seed", type=int, default=4321)
+    p.add_argument("--json", default=None, help="write {\"accuracy\": {\"0\": a, ...}, ...} to this file")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_eval_spm, _parser=p)
