@@ -9,24 +9,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silence optional-dependency notices on import
 
-SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
-
-
 def parse_size(value: str) -> tuple[int, int]:
-    """'WxH' -> (width, height), both positive multiples of 8 (the VAE's downsampling factor)."""
-    m = SIZE_RE.match(value.strip().lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 64x64, got {value!r}")
-    w, h = int(m.group(1)), int(m.group(2))
-    if w <= 0 or h <= 0 or w % 8 or h % 8:
-        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {value!r}")
-    return w, h
+    """argparse type for 'WxH'."""
+    from .sizes import parse_size as parse
+
+    try:
+        return parse(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive_int(value: str) -> int:
@@ -212,11 +207,43 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_worker, _parser=p)
 
 
+def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .export import ExportError, export
+    from .pipeline import ModelLoadError
+
+    manifest = Path(args.manifest) if args.manifest else None
+    if manifest is not None and not manifest.is_file():
+        parser.error(f"argument --manifest: no file at {args.manifest!r}")
+    try:
+        path = export(args.model, args.backend, manifest_path=manifest, out=Path(args.out) if args.out else None,
+                      fp16=args.fp16, max_batch=args.max_batch, sizes=args.sizes, device=args.device,
+                      cache_dir=Path(args.cache) if args.cache else None)
+    except (ExportError, ModelLoadError) as err:
+        parser.error(str(err))
+    print(f"{args.backend} artifact: {path}" + (f" (copied to {args.out})" if args.out else ""))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a served model's UNet to ONNX / build its TensorRT engine (cached)")
+    p.add_argument("--model", required=True, help="a model name in the manifest, or a diffusers pipeline folder")
+    p.add_argument("--backend", required=True, choices=["onnx", "tensorrt"])
+    p.add_argument("--manifest", default=os.environ.get("SPO_MANIFEST", "models/models.yaml"))
+    p.add_argument("--out", default=None, help="also write DIR/unet.onnx (or unet.plan) for other tools")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights (needs --device cuda)")
+    p.add_argument("--max-batch", type=positive_int, default=None, help="images per call (UNet batch 2x: CFG)")
+    p.add_argument("--sizes", nargs="+", default=None, help="allowed WxH image sizes (default: the manifest's)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the manifest's)")
+    p.add_argument("--cache", default=None, help="artifact cache folder (default: SPO_ENGINE_CACHE)")
+    p.set_defaults(func=_cmd_export, _parser=p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_serving(sub)
+    _add_export(sub)
     try:
         from training.cli import register as register_training
     except ImportError as err:  # the API-only install: say how to get the training commands

@@ -35,8 +35,10 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     local_files_only: bool | None = None,
+    unet: str | None = None,
 ) -> DiffusionPipeline:
-    """Load a local diffusers folder or a hub id (when the hub is reachable), swap the VAE, fuse the LoRA.
+    """Load a local diffusers folder or a hub id (when the hub is reachable), swap the VAE (and the UNet, for a full
+    fine-tune saved as a UNet folder), fuse the LoRA.
 
     The LoRA is fused into the UNet weights (and unloaded) so inference and compiled backends see one plain UNet.
     """
@@ -52,6 +54,14 @@ def load_pipeline(
             kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, local_files_only=_is_local(vae))
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load VAE {vae!r}: {err}") from err
+    if unet is not None:
+        from diffusers import UNet2DConditionModel
+
+        try:
+            kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, torch_dtype=dtype,
+                                                                  local_files_only=_is_local(unet))
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot load UNet {unet!r}: {err}") from err
     try:
         pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype, local_files_only=local_only, **kwargs)
     except (OSError, ValueError) as err:

@@ -1,0 +1,94 @@
+"""UNet backends side by side on this machine: torch eager vs ONNX Runtime (CPU), one run.
+
+    python benchmarks/backends.py [--model models/spo-tiny] [--repeats 20]
+
+Prints the UNet call time at batch 1/2/4/8 (the UNet batch, i.e. CFG-doubled images) for both backends and their
+ratio, then end-to-end images/s of the pipeline (20 DDIM steps, CFG 5, 8 images per call) for both, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from service.backends.onnx_export import example_inputs  # noqa: E402
+from service.backends.ort import OnnxRuntimeBackend  # noqa: E402
+from service.manifest import ModelSpec  # noqa: E402
+from service.pipeline import ImageRequest, generate, load_pipeline  # noqa: E402
+
+
+def time_calls(fn, repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/spo-tiny")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--images", type=int, default=8, help="images per end-to-end pipeline call")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    pipe = load_pipeline(args.model)
+    torch_unet = pipe.unet
+    size = torch_unet.config.sample_size * pipe.vae_scale_factor
+    spec = ModelSpec(name="bench", kind="sd15", base=str(Path(args.model).resolve()),
+                     defaults={"steps": 20, "guidance": 5.0, "size": f"{size}x{size}"}, sizes=[f"{size}x{size}"],
+                     max_n=max(8, args.images), backend="onnxruntime")
+    with tempfile.TemporaryDirectory() as cache:
+        ort_unet = OnnxRuntimeBackend(cache_dir=cache).prepare(pipe, spec)
+        hw = (torch_unet.config.sample_size,) * 2
+        rows = []
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}")
+        print(f"{'UNet batch':>10} | {'torch ms':>9} | {'onnxruntime ms':>14} | {'speed-up':>8}")
+        for batch in (1, 2, 4, 8):
+            x = example_inputs(ort_unet.profile, batch, hw, torch.float32)
+
+            def call_torch(x=x):
+                with torch.inference_mode():
+                    torch_unet(x["sample"], x["timestep"], x["encoder_hidden_states"])
+
+            def call_ort(x=x):
+                ort_unet(x["sample"], x["timestep"], x["encoder_hidden_states"])
+
+            t_torch, t_ort = time_calls(call_torch, args.repeats), time_calls(call_ort, args.repeats)
+            rows.append({"batch": batch, "torch_ms": 1e3 * t_torch, "ort_ms": 1e3 * t_ort, "speedup": t_torch / t_ort})
+            print(f"{batch:>10} | {1e3 * t_torch:>9.2f} | {1e3 * t_ort:>14.2f} | {t_torch / t_ort:>7.2f}x")
+
+        requests = [ImageRequest("a red circle on a blue background", i) for i in range(args.images)]
+        e2e = {}
+        for name, unet in (("torch", torch_unet), ("onnxruntime", ort_unet)):
+            pipe.unet = unet
+            generate(pipe, requests[:1], steps=2, guidance=5.0, width=size, height=size)  # warm-up
+            start = time.perf_counter()
+            for _ in range(3):
+                generate(pipe, requests, steps=20, guidance=5.0, width=size, height=size)
+            e2e[name] = 3 * len(requests) / (time.perf_counter() - start)
+        pipe.unet = torch_unet
+        ratio = e2e["onnxruntime"] / e2e["torch"]
+        print(f"\nend to end ({args.images} images per call, 20 steps, CFG 5): torch {e2e['torch']:.2f} img/s, "
+              f"onnxruntime {e2e['onnxruntime']:.2f} img/s, speed-up {ratio:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"unet": rows, "end_to_end_img_s": e2e, "end_to_end_speedup": ratio},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The contract between the worker and a UNet backend."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..manifest import ModelSpec
+
+
+class UNetBackend(ABC):
+    """Produces the denoiser a loaded pipeline runs.
+
+    `prepare` gets the pipeline after weights (and any LoRA) are loaded and fused, and returns an object that the
+    pipeline can call exactly like `UNet2DConditionModel` (same arguments, same output, same `config`/`dtype`/`device`
+    attributes the pipeline reads). Compiled backends export or build from `pipe.unet` here, keyed by weights, backend
+    version, device and shape profile, so nothing is reused across keys.
+    """
+
+    name: str
+
+    @abstractmethod
+    def prepare(self, pipe: Any, spec: ModelSpec) -> Any:
+        """Return the UNet to install as `pipe.unet`."""
+
+    def describe(self) -> str:
+        """One line for the logs: backend name and version."""
+        return self.name
+
+    def max_images(self) -> int | None:
+        """The most images one pipeline call may hold with the prepared UNet (e.g. a fixed engine profile), or None
+        for no limit. The worker caps its batches (SPO_MAX_BATCH) here, so no batch exceeds what was built."""
+        return None

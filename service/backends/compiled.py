@@ -1,0 +1,39 @@
+"""`compile` backend: `torch.compile` of the pipeline's UNet (meant for GPUs; runs on CPU with inductor too).
+
+Compilation is per input shape: the first request of each (batch, size) recompiles, and after a few distinct shapes
+dynamo switches to dynamic shapes. The worker warms up the default size at start so the first request does not pay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .base import UNetBackend
+
+if TYPE_CHECKING:
+    from ..manifest import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class CompileBackend(UNetBackend):
+    name = "compile"
+
+    def __init__(self, mode: str | None = None) -> None:
+        self.mode = mode or os.environ.get("SPO_COMPILE_MODE")
+
+    def prepare(self, pipe: Any, spec: ModelSpec) -> Any:
+        unet = pipe.unet.eval().requires_grad_(False)
+        cuda = torch.device(spec.device).type == "cuda"
+        if cuda:
+            unet.to(memory_format=torch.channels_last)
+        mode = self.mode or ("max-autotune-no-cudagraphs" if cuda else "default")
+        log.info("torch.compile(unet, mode=%s): the first call of each new shape recompiles", mode)
+        return torch.compile(unet, mode=mode, fullgraph=False)
+
+    def describe(self) -> str:
+        return f"torch.compile {torch.__version__}"

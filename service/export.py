@@ -1,0 +1,93 @@
+"""`spo export`: build a served model's compiled UNet ahead of time (CI, image build, or a node's first start).
+
+The artifact lands in the cache the worker reads (keyed by weights, backend + version, device, shape profile), so a
+worker starting later finds it; `--out DIR` also writes a standalone copy (`DIR/unet.onnx` or `DIR/unet.plan`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from .manifest import Manifest, ModelSpec, load_manifest, parse_size
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(ValueError):
+    """Bad export request: unknown model, unsupported size or batch, missing weights."""
+
+
+def resolve_spec(model: str, manifest_path: Path | None) -> ModelSpec:
+    """A manifest model name, or a local diffusers folder (its kind read from model_index.json)."""
+    path = Path(model).expanduser()
+    if (path / "model_index.json").is_file():
+        index = json.loads((path / "model_index.json").read_text())
+        kind = "sdxl" if "XL" in index.get("_class_name", "") else "sd15"
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        vae = json.loads((path / "vae" / "config.json").read_text())
+        side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+        size = f"{side}x{side}"
+        return ModelSpec(name=path.name, kind=kind, base=str(path.resolve()),
+                         defaults={"steps": 20, "guidance": 5.0, "size": size}, sizes=[size])
+    if manifest_path is None:
+        raise ExportError(f"--model {model!r} is not a diffusers folder and no manifest was given")
+    manifest: Manifest = load_manifest(manifest_path)
+    try:
+        return manifest.get(model)
+    except ValueError as err:
+        raise ExportError(f"--model: {err}") from None
+
+
+def export(model: str, backend: str, *, manifest_path: Path | None = None, out: Path | None = None,
+           fp16: bool = False, max_batch: int | None = None, sizes: list[str] | None = None,
+           device: str | None = None, cache_dir: Path | None = None) -> Path:
+    """Export (and for TensorRT, build) the UNet of `model`; returns the cached artifact's path."""
+    import torch
+
+    from .backends.ort import default_cache_dir, ensure_onnx
+    from .pipeline import load_pipeline
+
+    if backend not in ("onnx", "tensorrt"):
+        raise ExportError(f"--backend must be onnx or tensorrt, got {backend!r}")
+    spec = resolve_spec(model, manifest_path)
+    update: dict = {"dtype": "float16" if fp16 else "float32"}
+    if sizes:
+        for s in sizes:
+            try:
+                parse_size(s)
+            except ValueError as err:
+                raise ExportError(f"--sizes: {err}") from None
+        update["sizes"] = sizes
+        update["defaults"] = spec.defaults.model_copy(update={"size": sizes[0]})
+    if max_batch is not None:
+        if max_batch < 1:
+            raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
+        update["max_n"] = max_batch
+    if device is not None:
+        update["device"] = device
+    spec = spec.model_copy(update=update)
+    if fp16 and torch.device(spec.device).type != "cuda":
+        raise ExportError("--fp16 needs a CUDA device (--device cuda): fp16 convolutions do not run on the CPU")
+    cache = cache_dir or default_cache_dir()
+    dtype = torch.float16 if fp16 else torch.float32
+    pipe = load_pipeline(spec.base, lora=spec.lora, lora_scale=spec.lora_scale, vae=spec.vae, unet=spec.unet,
+                         dtype=dtype, device=spec.device)
+    if backend == "onnx":
+        from .artifacts import ArtifactCache
+
+        path, _ = ensure_onnx(pipe, spec, ArtifactCache(cache), fp16)
+    else:
+        from .backends.trt import TensorRTBackend
+
+        path, _, _ = TensorRTBackend(cache_dir=cache).ensure_engine(pipe, spec)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in path.parent.iterdir():  # the model plus any external weight files
+            if f.name != "meta.json":
+                shutil.copy2(f, out / f.name)
+        shutil.copy2(path.parent / "meta.json", out / f"{path.stem}.meta.json")
+    log.info("exported %s (%s) -> %s", spec.name, backend, path)
+    return path

@@ -1,0 +1,657 @@
+"""The job queue on Redis Streams, shared by the API (producer) and the workers (consumers).
+
+Layout (every key starts with the configured prefix `P`):
+
+    P:queue:{model}:{priority}   stream of entries {job: id}; consumer group "workers"; priority high|normal|low
+    P:dead:{model}               dead-letter stream: jobs that failed, with reason and message
+    P:job:{id}                   hash: the job's request, status, progress, timings, error (expires after job_ttl)
+    P:job:{id}:image:{k}         PNG bytes of image k (same TTL)
+    P:idem:{scope}:{key}         Idempotency-Key -> job id (same TTL)
+    P:events:{id}                pub/sub channel: JSON {"type": "status"|"progress", ...}
+    P:workers:{model}            hash: consumer name -> JSON heartbeat
+
+Protocol (at-least-once, no visible duplicates):
+- `submit` is one Lua script: idempotency lookup, bounded-queue check (entries still in the model's streams, i.e.
+  queued or running), job hash, XADD. So the bound holds under concurrency.
+- Workers `read` with XREADGROUP (high priority first), `start` a job (queued|running -> running, attempts + 1; fails
+  it once attempts reach the limit), `complete` it (images + status in one script, only while it is still running:
+  the first result stored wins, so a reclaimed job never overwrites what a client may have read), then `ack`
+  (XACK + XDEL). A dead worker's entries stay pending; live workers `reclaim` them with XAUTOCLAIM after the
+  visibility timeout, and `touch` their own in-flight entries so long batches are not reclaimed.
+- Every status change and progress step is published on the job's channel; `EventHub` (API side) fans one pattern
+  subscription out to waiting requests, so nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+log = logging.getLogger(__name__)
+
+GROUP = "workers"
+PRIORITIES = ("high", "normal", "low")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+DEAD_LETTER_MAXLEN = 10_000
+
+
+class QueueFull(Exception):
+    """The model's queue holds `queue_max_length` jobs; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, depth: int, retry_after: int) -> None:
+        super().__init__(f"queue full ({depth} jobs waiting or running)")
+        self.depth = depth
+        self.retry_after = retry_after
+
+
+class Keys:
+    """Names of every Redis key, in one place."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def stream(self, model: str, priority: str) -> str:
+        return f"{self.prefix}:queue:{model}:{priority}"
+
+    def streams(self, model: str) -> list[str]:
+        return [self.stream(model, p) for p in PRIORITIES]
+
+    def dead(self, model: str) -> str:
+        return f"{self.prefix}:dead:{model}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def image(self, job_id: str, k: int) -> str:
+        return f"{self.prefix}:job:{job_id}:image:{k}"
+
+    def idempotency(self, scope: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return f"{self.prefix}:idem:{scope}:{digest}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:events:{job_id}"
+
+    def events_pattern(self) -> str:
+        return f"{self.prefix}:events:*"
+
+    def workers(self, model: str) -> str:
+        return f"{self.prefix}:workers:{model}"
+
+    def stats(self, model: str) -> str:
+        return f"{self.prefix}:stats:{model}"
+
+    def rate(self, scope: str, window: int) -> str:
+        return f"{self.prefix}:rate:{scope}:{window}"
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """What to generate: everything a worker needs, already validated and with seeds drawn."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    n: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]
+    response_format: str = "b64_json"
+
+
+@dataclass
+class Job:
+    """A job as stored in its hash."""
+
+    id: str
+    params: JobParams
+    status: str
+    priority: str
+    created_at: float
+    entry_id: str = ""
+    fingerprint: str = ""
+    owner: str = ""
+    attempts: int = 0
+    worker: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress_step: int = 0
+    progress_total: int = 0
+    batch_size: int | None = None
+    inference_s: float | None = None
+    images: int = 0
+    error_type: str = ""
+    error_message: str = ""
+    cancel_requested: bool = False
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Job:
+        def opt_float(key: str) -> float | None:
+            return float(h[key]) if h.get(key) else None
+
+        params = JobParams(
+            model=h["model"], prompt=h["prompt"], negative_prompt=h.get("negative_prompt", ""), n=int(h["n"]),
+            width=int(h["width"]), height=int(h["height"]), steps=int(h["steps"]), guidance=float(h["guidance"]),
+            seeds=tuple(json.loads(h["seeds"])), response_format=h.get("response_format", "b64_json"))
+        return cls(
+            id=h["id"], params=params, status=h["status"], priority=h.get("priority", "normal"),
+            created_at=float(h["created_at"]), entry_id=h.get("entry_id", ""), fingerprint=h.get("fingerprint", ""),
+            owner=h.get("owner", ""), attempts=int(h.get("attempts", 0)), worker=h.get("worker", ""),
+            started_at=opt_float("started_at"),
+            finished_at=opt_float("finished_at"), progress_step=int(h.get("progress_step", 0)),
+            progress_total=int(h.get("progress_total", params.steps)),
+            batch_size=int(h["batch_size"]) if h.get("batch_size") else None, inference_s=opt_float("inference_s"),
+            images=int(h.get("images", 0)), error_type=h.get("error_type", ""),
+            error_message=h.get("error_message", ""), cancel_requested=h.get("cancel_requested") == "1")
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass
+class Claim:
+    """A stream entry a worker has read (or reclaimed) and must acknowledge."""
+
+    job: Job
+    stream: str
+    entry_id: str
+    received_at: float = field(default_factory=time.monotonic)
+
+
+# -- Lua scripts: each state transition is atomic, so API and any number of workers can race safely. ------------
+
+_SUBMIT = """
+-- KEYS: job hash, target stream, idempotency key ('' = none), then every stream of the model
+-- ARGV: job id, max length, ttl, field/value pairs...
+if KEYS[3] ~= '' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return {'existing', existing} end
+end
+local depth = 0
+for i = 4, #KEYS do depth = depth + redis.call('XLEN', KEYS[i]) end
+if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+redis.call('HSET', KEYS[1], 'entry_id', entry, 'stream', KEYS[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3]) end
+return {'created', ARGV[1]}
+"""
+
+_START = """
+-- KEYS: job hash. ARGV: consumer, max attempts, now. Returns ok | exhausted | cancelled | missing | <status>
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status ~= 'queued' and status ~= 'running' then return status end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[3])
+  return 'cancelled'
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if attempts >= tonumber(ARGV[2]) then return 'exhausted' end
+redis.call('HSET', KEYS[1], 'status', 'running', 'attempts', attempts + 1, 'worker', ARGV[1],
+           'started_at', ARGV[3], 'progress_step', 0)
+return 'ok'
+"""
+
+_COMPLETE = """
+-- KEYS: job hash, image keys. ARGV: ttl, now, field/value count, field/value pairs..., then one PNG per image key
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then return status or 'missing' end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
+  return 'cancelled'
+end
+local nfields = tonumber(ARGV[3])
+for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[3 + nfields + i - 1], 'EX', ARGV[1]) end
+redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[2], 'images', #KEYS - 1,
+           unpack(ARGV, 4, 3 + nfields))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 'succeeded'
+"""
+
+_FAIL = """
+-- KEYS: job hash, dead-letter stream. ARGV: error type, message, now, dead-letter maxlen, job id
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return status or 'missing' end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error_type', ARGV[1], 'error_message', ARGV[2], 'finished_at', ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'job', ARGV[5], 'reason', ARGV[1], 'message', ARGV[2],
+           'failed_at', ARGV[3])
+return 'failed'
+"""
+
+_CANCEL = """
+-- KEYS: job hash. ARGV: now. Returns cancelled_now (was queued) | cancelling (running: stops at its next step) |
+-- missing | the job's (terminal) status
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+  return 'cancelled_now'
+end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  return 'cancelling'
+end
+return status
+"""
+
+_PROGRESS = """
+-- KEYS: job hashes. ARGV: step, total, event JSON, then one channel per key. Returns each job's cancel flag.
+-- Only existing hashes are updated: a job whose record expired mid-run must not come back as a partial hash.
+local flags = {}
+for i, key in ipairs(KEYS) do
+  flags[i] = ''
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, 'progress_step', ARGV[1], 'progress_total', ARGV[2])
+    flags[i] = redis.call('HGET', key, 'cancel_requested') or ''
+  end
+  redis.call('PUBLISH', ARGV[3 + i], ARGV[3])
+end
+return flags
+"""
+
+_MARK_CANCELLED = """
+-- KEYS: job hash. ARGV: now. A running job whose cancellation the worker has honoured.
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+return 1
+"""
+
+
+def connect(url: str, *, socket_timeout: float | None = 5.0, decode: bool = True) -> aioredis.Redis:
+    """An asyncio client that fails fast (no retry storms) when Redis is down, and reconnects when it is back."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return aioredis.Redis.from_url(url, decode_responses=decode, socket_timeout=socket_timeout,
+                                   socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0),
+                                   health_check_interval=30)
+
+
+class JobQueue:
+    """Every queue operation of the API and the workers, as methods over one Redis connection pool."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, *, job_ttl_s: int = 3600, max_length: int = 256,
+                 raw: aioredis.Redis | None = None) -> None:
+        self.redis = redis
+        self.raw = raw  # a client without response decoding, to read PNG bytes
+        self.keys = Keys(prefix)
+        self.job_ttl_s = job_ttl_s
+        self.max_length = max_length
+        self._groups_ready: set[str] = set()
+        self._submit = redis.register_script(_SUBMIT)
+        self._start = redis.register_script(_START)
+        self._complete = redis.register_script(_COMPLETE)
+        self._fail = redis.register_script(_FAIL)
+        self._cancel = redis.register_script(_CANCEL)
+        self._mark_cancelled = redis.register_script(_MARK_CANCELLED)
+        self._progress = redis.register_script(_PROGRESS)
+
+    # -- shared ----------------------------------------------------------------------------------------------
+
+    async def ensure_groups(self, model: str) -> None:
+        """Create the model's streams and consumer group (idempotent; entries added before creation are kept)."""
+        for stream in self.keys.streams(model):
+            if stream in self._groups_ready:
+                continue
+            try:
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as err:
+                if "BUSYGROUP" not in str(err):
+                    raise
+            self._groups_ready.add(stream)
+
+    def forget_groups(self) -> None:
+        """Forget which groups exist (after a Redis restart lost them), so the next `ensure_groups` recreates."""
+        self._groups_ready.clear()
+
+    async def get(self, job_id: str) -> Job | None:
+        h = await self.redis.hgetall(self.keys.job(job_id))
+        return Job.from_hash(h) if h.get("id") else None  # absent (never existed, or expired)
+
+    async def publish(self, job_id: str, event: dict[str, Any]) -> None:
+        await self.redis.publish(self.keys.events(job_id), json.dumps(event))
+
+    async def depth(self, model: str) -> int:
+        """Jobs queued or running for `model` (entries not yet acknowledged)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.keys.streams(model):
+                pipe.xlen(stream)
+            return sum(await pipe.execute())
+
+    # -- API side --------------------------------------------------------------------------------------------
+
+    async def submit(self, job_id: str, params: JobParams, *, priority: str = "normal",
+                     idempotency: tuple[str, str] | None = None, fingerprint: str = "",
+                     owner: str = "") -> tuple[str, bool]:
+        """Enqueue a job; returns (job id, created). With an idempotency (scope, key) already used, returns the
+        original job id and created=False (the caller compares fingerprints). Raises QueueFull."""
+        await self.ensure_groups(params.model)
+        now = time.time()
+        fields: dict[str, Any] = {
+            "id": job_id, "model": params.model, "status": "queued", "priority": priority, "created_at": now,
+            "prompt": params.prompt, "negative_prompt": params.negative_prompt, "n": params.n,
+            "width": params.width, "height": params.height, "steps": params.steps, "guidance": params.guidance,
+            "seeds": json.dumps(list(params.seeds)), "response_format": params.response_format,
+            "fingerprint": fingerprint, "owner": owner, "attempts": 0, "progress_step": 0,
+            "progress_total": params.steps,
+        }
+        idem_key = self.keys.idempotency(*idempotency) if idempotency else ""
+        args: list[Any] = [job_id, self.max_length, self.job_ttl_s]
+        for name, value in fields.items():
+            args += [name, value]
+        keys = [self.keys.job(job_id), self.keys.stream(params.model, priority), idem_key,
+                *self.keys.streams(params.model)]
+        outcome, value = await self._submit(keys=keys, args=args)
+        if outcome == "full":
+            raise QueueFull(int(value), await self.retry_after(params.model, int(value)))
+        return value, outcome == "created"
+
+    async def retry_after(self, model: str, depth: int) -> int:
+        """Seconds until the queue has room, from the workers' recent seconds-per-image and their number."""
+        stats = await self.redis.hgetall(self.keys.stats(model))
+        per_image = float(stats.get("seconds_per_image", 1.0))
+        workers = max(1, len(await self.live_workers(model, stale_s=60.0)))
+        return max(1, min(600, math.ceil(depth * per_image / workers)))
+
+    async def cancel(self, job_id: str) -> str:
+        """Returns 'cancelled_now' (it was queued), 'cancelling' (running: it stops at its next step), 'missing',
+        or the status of a job that had already finished."""
+        outcome = await self._cancel(keys=[self.keys.job(job_id)], args=[time.time()])
+        if outcome == "cancelled_now":
+            job = await self.get(job_id)
+            if job is not None and job.entry_id:
+                # The entry will never run: drop it so it stops counting against the queue bound.
+                await self.redis.xdel(self.keys.stream(job.params.model, job.priority), job.entry_id)
+            await self.publish(job_id, {"type": "status", "status": "cancelled"})
+        elif outcome == "cancelling":
+            await self.publish(job_id, {"type": "cancel_requested"})
+        return outcome
+
+    async def position(self, job: Job) -> int | None:
+        """How many undelivered jobs are ahead of a queued one (higher priorities first), or None if not queued."""
+        if job.status != "queued" or not job.entry_id:
+            return None
+        ahead = 0
+        groups = {}
+        for stream in self.keys.streams(job.params.model):
+            try:
+                info = await self.redis.xinfo_groups(stream)
+            except ResponseError:
+                info = []
+            groups[stream] = next((g["last-delivered-id"] for g in info if g["name"] == GROUP), "0-0")
+        for priority in PRIORITIES:
+            stream = self.keys.stream(job.params.model, priority)
+            last = groups[stream]
+            if priority == job.priority:
+                if _entry_le(job.entry_id, last):
+                    return 0  # already handed to a worker, about to start
+                ahead += len(await self.redis.xrange(stream, f"({last}", f"({job.entry_id}"))
+                return ahead
+            ahead += len(await self.redis.xrange(stream, f"({last}", "+"))
+        return ahead
+
+    async def image(self, job_id: str, k: int) -> bytes | None:
+        client = self.raw or self.redis
+        return await client.get(self.keys.image(job_id, k))
+
+    async def live_workers(self, model: str, stale_s: float) -> list[dict[str, Any]]:
+        beats = await self.redis.hgetall(self.keys.workers(model))
+        now = time.time()
+        alive = []
+        for consumer, raw in beats.items():
+            beat = json.loads(raw)
+            beat["consumer"] = consumer
+            beat["age_s"] = max(0.0, now - float(beat["ts"]))
+            if beat["age_s"] <= stale_s:
+                alive.append(beat)
+        return alive
+
+    async def all_heartbeats(self, model: str) -> list[dict[str, Any]]:
+        return await self.live_workers(model, stale_s=math.inf)
+
+    # -- worker side -----------------------------------------------------------------------------------------
+
+    async def _claims(self, replies: Iterable, consumer: str) -> list[Claim]:
+        claims = []
+        for stream, entries in replies:
+            for entry_id, fields in entries:
+                if not fields:  # the entry was deleted (e.g. a cancelled queued job) while pending
+                    await self.redis.xack(stream, GROUP, entry_id)
+                    continue
+                job = await self.get(fields["job"])
+                if job is None:  # the job record expired: nothing to do
+                    await self._ack_raw(stream, entry_id)
+                    continue
+                claims.append(Claim(job=job, stream=stream, entry_id=entry_id))
+        return claims
+
+    async def read(self, model: str, consumer: str, count: int, block_ms: int = 0) -> list[Claim]:
+        """New entries for `consumer`, highest priority first; blocks up to `block_ms` when all are empty."""
+        streams = self.keys.streams(model)
+        for stream in streams:
+            replies = await self.redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
+            if replies:
+                return await self._claims(replies, consumer)
+        if block_ms <= 0:
+            return []
+        replies = await self.redis.xreadgroup(GROUP, consumer, dict.fromkeys(streams, ">"), count=count,
+                                              block=block_ms)
+        return await self._claims(replies or [], consumer)
+
+    async def reclaim(self, model: str, consumer: str, min_idle_s: float, count: int) -> list[Claim]:
+        """Entries another consumer left unacknowledged longer than the visibility timeout (XAUTOCLAIM)."""
+        found: list[tuple[str, list]] = []
+        for stream in self.keys.streams(model):
+            reply = await self.redis.xautoclaim(stream, GROUP, consumer, int(min_idle_s * 1000), "0-0", count=count)
+            entries = reply[1]
+            for entry_id in reply[2] if len(reply) > 2 else []:  # deleted while pending (Redis >= 7)
+                await self.redis.xack(stream, GROUP, entry_id)
+            if entries:
+                found.append((stream, entries))
+        claims = await self._claims(found, consumer)
+        for claim in claims:
+            log.warning("reclaimed job %s (entry %s idle > %.1fs, attempt %d so far)", claim.job.id, claim.entry_id,
+                        min_idle_s, claim.job.attempts)
+        return claims
+
+    async def touch(self, claims: list[Claim], consumer: str) -> None:
+        """Reset the idle time of entries this consumer still owns, so a long batch is not reclaimed."""
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        for c in claims:
+            by_stream[c.stream].append(c.entry_id)
+        for stream, ids in by_stream.items():
+            pending = await self.redis.xpending_range(stream, GROUP, min="-", max="+", count=len(ids) + 1000,
+                                                      consumername=consumer)
+            owned = {p["message_id"] for p in pending} & set(ids)
+            if owned:
+                await self.redis.xclaim(stream, GROUP, consumer, 0, sorted(owned), justid=True)
+
+    async def start(self, claim: Claim, consumer: str, max_attempts: int) -> str:
+        """queued|running -> running. Returns ok | exhausted | cancelled | missing | the terminal status."""
+        outcome = await self._start(keys=[self.keys.job(claim.job.id)], args=[consumer, max_attempts, time.time()])
+        if outcome == "ok":
+            claim.job.attempts += 1
+            await self.publish(claim.job.id, {"type": "status", "status": "running", "attempt": claim.job.attempts})
+        elif outcome == "cancelled":
+            await self.publish(claim.job.id, {"type": "status", "status": "cancelled"})
+        return outcome
+
+    async def progress(self, claims: list[Claim], step: int, total: int) -> set[str]:
+        """Record and publish one denoising step for every job of a batch; returns the ids whose cancellation was
+        requested (one round trip per step)."""
+        if not claims:
+            return set()
+        event = json.dumps({"type": "progress", "step": step, "total": total})
+        flags = await self._progress(keys=[self.keys.job(c.job.id) for c in claims],
+                                     args=[step, total, event, *(self.keys.events(c.job.id) for c in claims)])
+        return {c.job.id for c, flag in zip(claims, flags, strict=True) if flag == "1"}
+
+    async def complete(self, claim: Claim, pngs: list[bytes], info: dict[str, Any]) -> str:
+        """Store the images and mark succeeded, unless another attempt already did (then store nothing).
+        Returns 'succeeded', 'cancelled' or the status found."""
+        (outcome,) = await self.complete_many([(claim, pngs, info)])
+        return outcome
+
+    async def complete_many(self, results: list[tuple[Claim, list[bytes], dict[str, Any]]]) -> list[str]:
+        """`complete` for a whole batch in two round trips, so its clients are told at the same moment (and, in a
+        closed loop, come back in time to share the next batch)."""
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for claim, pngs, info in results:
+                flat: list[Any] = []
+                for name, value in info.items():
+                    flat += [name, value]
+                keys = [self.keys.job(claim.job.id)] + [self.keys.image(claim.job.id, k) for k in range(len(pngs))]
+                await self._complete(keys=keys, args=[self.job_ttl_s, now, len(flat), *flat, *pngs], client=pipe)
+            outcomes = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (claim, _, _), outcome in zip(results, outcomes, strict=True):
+                if outcome in ("succeeded", "cancelled"):
+                    pipe.publish(self.keys.events(claim.job.id), json.dumps({"type": "status", "status": outcome}))
+            await pipe.execute()
+        return list(outcomes)
+
+    async def fail(self, claim: Claim, error_type: str, message: str) -> str:
+        """Mark a job failed and copy it to the model's dead-letter stream."""
+        job = claim.job
+        outcome = await self._fail(keys=[self.keys.job(job.id), self.keys.dead(job.params.model)],
+                                   args=[error_type, message, time.time(), DEAD_LETTER_MAXLEN, job.id])
+        if outcome == "failed":
+            await self.publish(job.id, {"type": "status", "status": "failed", "error": error_type})
+        return outcome
+
+    async def mark_cancelled(self, claim: Claim) -> bool:
+        done = bool(await self._mark_cancelled(keys=[self.keys.job(claim.job.id)], args=[time.time()]))
+        if done:
+            await self.publish(claim.job.id, {"type": "status", "status": "cancelled"})
+        return done
+
+    async def ack(self, claim: Claim) -> None:
+        await self._ack_raw(claim.stream, claim.entry_id)
+
+    async def ack_many(self, claims: list[Claim]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for claim in claims:
+                pipe.xack(claim.stream, GROUP, claim.entry_id)
+                pipe.xdel(claim.stream, claim.entry_id)
+            await pipe.execute()
+
+    async def _ack_raw(self, stream: str, entry_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+
+    async def heartbeat(self, model: str, consumer: str, info: dict[str, Any], ttl_s: float) -> None:
+        key = self.keys.workers(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, consumer, json.dumps({"ts": time.time(), **info}))
+            pipe.expire(key, max(60, int(ttl_s)))
+            await pipe.execute()
+
+    async def forget_worker(self, model: str, consumer: str) -> None:
+        await self.redis.hdel(self.keys.workers(model), consumer)
+
+    async def record_speed(self, model: str, seconds_per_image: float) -> None:
+        """Exponential moving average of seconds per image, for Retry-After estimates."""
+        key = self.keys.stats(model)
+        old = await self.redis.hget(key, "seconds_per_image")
+        value = seconds_per_image if old is None else 0.8 * float(old) + 0.2 * seconds_per_image
+        await self.redis.hset(key, "seconds_per_image", value)
+        await self.redis.expire(key, 7 * 24 * 3600)
+
+
+def _entry_le(a: str, b: str) -> bool:
+    """Stream id a <= b."""
+    ma, sa = (int(x) for x in a.split("-"))
+    mb, sb = (int(x) for x in b.split("-"))
+    return (ma, sa) <= (mb, sb)
+
+
+class EventHub:
+    """One pattern subscription per API process, fanned out to the requests waiting on a job.
+
+    Requests `subscribe(job_id)` *before* reading the job's state, so no event is missed between read and wait.
+    If the subscription drops (Redis restart), it reconnects and sends every listener a `resync` event so it
+    re-reads the job state.
+    """
+
+    def __init__(self, url: str, keys: Keys) -> None:
+        self.url = url
+        self.keys = keys
+        self._listeners: dict[str, set[asyncio.Queue]] = defaultdict(set)
+        self._task: asyncio.Task | None = None
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="spo-event-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue]:
+        queue: asyncio.Queue = asyncio.Queue()
+        self._listeners[job_id].add(queue)
+        try:
+            yield queue
+        finally:
+            self._listeners[job_id].discard(queue)
+            if not self._listeners[job_id]:
+                del self._listeners[job_id]
+
+    def _broadcast(self, job_id: str | None, event: dict[str, Any]) -> None:
+        targets = self._listeners.get(job_id, ()) if job_id else [q for qs in self._listeners.values() for q in qs]
+        for q in list(targets):
+            q.put_nowait(event)
+
+    async def _run(self) -> None:
+        prefix_len = len(self.keys.events(""))
+        backoff = 0.2
+        while True:
+            client = connect(self.url, socket_timeout=None)
+            pubsub = client.pubsub()
+            try:
+                await pubsub.psubscribe(self.keys.events_pattern())
+                self.connected.set()
+                backoff = 0.2
+                self._broadcast(None, {"type": "resync"})  # events may have been missed while disconnected
+                while True:
+                    # Blocks until a message arrives (None after 30 s of silence, or for a non-data reply); the
+                    # client's health_check_interval pings a silent connection, so a dead server is noticed.
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
+                    if message is None or message["type"] != "pmessage":
+                        continue
+                    self._broadcast(message["channel"][prefix_len:], json.loads(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as err:
+                if self.connected.is_set():
+                    log.warning("event subscription lost (%s); reconnecting", err)
+                self.connected.clear()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                    await client.aclose()

@@ -1,0 +1,82 @@
+"""Model execution for the worker: one served model loaded on one device, run one batch at a time.
+
+The runner knows nothing about Redis or HTTP. It loads the manifest entry through `pipeline.load_pipeline` (the same
+call `spo generate` uses), installs the UNet its backend provides, and runs `pipeline.generate` with a step callback
+that reports progress and per-step time and lets the caller abort between denoising steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .backends import get_backend
+from .manifest import ModelSpec, parse_size
+from .pipeline import ImageRequest, generate, load_pipeline
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# on_step(step, total, seconds_since_previous_step); raising from it aborts the batch.
+StepCallback = Callable[[int, int, float], None]
+
+
+class ModelRunner:
+    """Owns the pipeline of one served model."""
+
+    def __init__(self, spec: ModelSpec, *, device: str | None = None, threads: int | None = None) -> None:
+        if device is not None and device != spec.device:  # SPO_DEVICE / --device: the backend sees it too
+            spec = spec.model_copy(update={"device": device})
+        self.spec = spec
+        self.device = spec.device
+        self.threads = threads
+        self.backend = get_backend(spec.backend)  # fails fast on an unknown backend, before loading weights
+        self.pipe = None
+
+    def load(self) -> ModelRunner:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        started = time.perf_counter()
+        spec = self.spec
+        pipe = load_pipeline(spec.base, lora=spec.lora, lora_scale=spec.lora_scale, vae=spec.vae, unet=spec.unet,
+                             dtype=DTYPES[spec.dtype], device=self.device)
+        pipe.unet = self.backend.prepare(pipe, spec)
+        self.pipe = pipe
+        log.info("loaded %s (%s, base %s%s%s) on %s with %s in %.1fs", spec.name, spec.kind, spec.base,
+                 f", UNet {spec.unet}" if spec.unet else "",
+                 f", LoRA {spec.lora} x{spec.lora_scale}" if spec.lora else "", self.device,
+                 self.backend.describe(), time.perf_counter() - started)
+        return self
+
+    @property
+    def max_images(self) -> int | None:
+        """Images per pipeline call the backend accepts (None: no limit)."""
+        return self.backend.max_images()
+
+    def warmup(self) -> None:
+        """One tiny call so the first request does not pay for lazy initialisation."""
+        width, height = parse_size(self.spec.defaults.size)
+        self.run([ImageRequest("warmup", 0)], width=width, height=height, steps=1, guidance=self.spec.defaults.guidance)
+
+    @torch.inference_mode()
+    def run(self, requests: list[ImageRequest], *, width: int, height: int, steps: int, guidance: float,
+            on_step: StepCallback | None = None) -> list[np.ndarray]:
+        """One pipeline call for every request; uint8 HxWx3 arrays in request order."""
+        if self.pipe is None:
+            raise RuntimeError("ModelRunner.load() was not called")
+        last = time.perf_counter()
+
+        def callback(step: int, total: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            seconds, last = now - last, now
+            if on_step is not None:
+                on_step(step, total, seconds)
+
+        return generate(self.pipe, requests, steps=steps, guidance=guidance, width=width, height=height,
+                        callback=callback)

@@ -1,0 +1,376 @@
+"""The worker loop: claim jobs from the model's queue, batch them, run them, store the results, acknowledge.
+
+One worker owns one model on one device (the runner). Each turn of the loop:
+1. reclaim entries other workers left idle past the visibility timeout (XAUTOCLAIM), then read new ones, highest
+   priority first, blocking briefly when there is nothing to do;
+2. under load (the last batch had company), wait at most `max_wait_ms` for more compatible jobs while the next batch
+   is not full; a lone request on an idle worker runs at once;
+3. start the batch's jobs (skipping cancelled ones, failing ones out of attempts), run one pipeline call in a thread
+   with one generator per image, publishing progress and honouring cancellation at every denoising step, while a
+   background task keeps the batch's entries claimed;
+4. store images + status, then acknowledge. A crash before step 4 leaves entries pending for another worker.
+
+SIGTERM/SIGINT drains: stop reading, finish the claimed jobs, acknowledge, exit. Heartbeats go to Redis every
+`heartbeat_interval_s` (readiness and the heartbeat-age metric read them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import io
+import logging
+import os
+import resource
+import secrets
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from redis.exceptions import RedisError
+
+from . import metrics
+from .batcher import can_grow, images, next_batch
+from .config import Settings
+from .pipeline import ImageRequest
+from .queue import Claim, JobQueue
+
+log = logging.getLogger(__name__)
+
+# An idle worker blocks on XREADGROUP this long at a time, then looks at stop requests and stale entries again.
+IDLE_BLOCK_MS = 250
+
+
+class BatchCancelled(Exception):
+    """Every job of the running batch was cancelled: abort the pipeline call."""
+
+
+def _log_report_error(future: concurrent.futures.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:  # progress is best effort
+        log.debug("progress report failed: %s", future.exception())
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Worker:
+    """Serves one model from the queue. `runner` is a loaded `ModelRunner` (or anything with `spec`, `backend` and
+    `run(requests, width=, height=, steps=, guidance=, on_step=)`)."""
+
+    def __init__(self, queue: JobQueue, runner: Any, settings: Settings, *, consumer: str | None = None) -> None:
+        self.queue = queue
+        self.runner = runner
+        self.settings = settings
+        self.model = runner.spec.name
+        self.consumer = consumer or consumer_name()
+        cap = getattr(runner, "max_images", None)  # a compiled backend's profile may hold fewer images
+        self.max_batch = min(settings.max_batch, cap) if cap else settings.max_batch
+        self.backlog: list[Claim] = []
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_reclaim = -float("inf")
+        self._state = "starting"
+        self._under_load = False  # did the last batch have company? then it pays to wait for more
+        self.batches_run = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Begin a graceful drain; safe to call from any thread or a signal handler."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._retry_redis(lambda: self.queue.ensure_groups(self.model))
+        heartbeat = asyncio.create_task(self._heartbeats(), name="spo-heartbeat")
+        log.info("worker %s serving %s (max_batch=%d, max_wait_ms=%d, visibility=%.1fs)", self.consumer, self.model,
+                 self.max_batch, self.settings.max_wait_ms, self.settings.visibility_timeout_s)
+        self._state = "idle"
+        backoff = 0.2
+        try:
+            while not self.stopping or self.backlog:
+                try:
+                    if not self.stopping:
+                        await self._fill_backlog()
+                    batch = next_batch(self.backlog, self.max_batch)
+                    if batch:
+                        chosen = {c.entry_id for c in batch}
+                        self.backlog = [c for c in self.backlog if c.entry_id not in chosen]
+                        self._under_load = len(batch) > 1 or bool(self.backlog)
+                        await self._run_batch(batch)  # on a Redis error its jobs stay pending: reclaimed later
+                    backoff = 0.2
+                except RedisError as err:
+                    if "NOGROUP" in str(err):  # Redis restarted without persistence: recreate the group now
+                        log.warning("consumer group missing (Redis restarted?); recreating it")
+                        self.queue.forget_groups()
+                        continue
+                    log.warning("Redis error in worker loop (%s); retrying in %.1fs", err, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            with contextlib.suppress(RedisError):
+                await self.queue.forget_worker(self.model, self.consumer)
+            log.info("worker %s stopped after %d batches", self.consumer, self.batches_run)
+
+    async def _retry_redis(self, op) -> Any:
+        backoff = 0.2
+        while True:
+            try:
+                return await op()
+            except RedisError as err:
+                if self.stopping:
+                    raise
+                log.warning("Redis unavailable (%s); retrying in %.1fs", err, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _heartbeats(self) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "device": getattr(self.runner, "device", "?"),
+                "backend": self.runner.spec.backend, "started": time.time()}
+        while True:
+            try:
+                await self.queue.heartbeat(self.model, self.consumer, {**info, "state": self._state},
+                                           ttl_s=self.settings.worker_stale_s * 10)
+            except RedisError as err:
+                log.debug("heartbeat failed: %s", err)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    # -- claiming --------------------------------------------------------------------------------------------
+
+    async def _fill_backlog(self) -> None:
+        s = self.settings
+        await self.queue.ensure_groups(self.model)  # cached; recreates the group after a Redis restart
+        now = time.monotonic()
+        if now - self._last_reclaim >= min(30.0, max(0.5, s.visibility_timeout_s / 2)):
+            self._last_reclaim = now
+            self._add_to_backlog(await self.queue.reclaim(self.model, self.consumer, s.visibility_timeout_s,
+                                                          self.max_batch))
+        need = self.max_batch - images(self.backlog)
+        if need > 0:
+            block_ms = 0 if self.backlog else IDLE_BLOCK_MS
+            self._add_to_backlog(await self.queue.read(self.model, self.consumer, need, block_ms))
+        if not self.backlog or s.max_wait_ms <= 0 or not (self._under_load or len(self.backlog) > 1):
+            return  # a lone request on an idle worker runs at once: waiting would only add latency
+        # Under load, give a partial batch up to max_wait_ms (from its first job's arrival) to fill up.
+        deadline = min(c.received_at for c in self.backlog) + s.max_wait_ms / 1000
+        while can_grow(self.backlog, self.max_batch) and not self.stopping:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                break
+            more = await self.queue.read(self.model, self.consumer, self.max_batch - images(self.backlog), remaining_ms)
+            if not more:
+                break
+            self._add_to_backlog(more)
+
+    async def _keep_claimed(self, claims: list[Claim]) -> None:
+        """While a batch runs, reset the idle time of its entries and of the backlog's (claimed, waiting for a
+        later batch), so other workers do not reclaim jobs this worker is alive to run."""
+        interval = max(0.2, self.settings.visibility_timeout_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.queue.touch([*claims, *self.backlog], self.consumer)
+            except RedisError as err:
+                log.debug("touch failed: %s", err)
+
+    def _add_to_backlog(self, claims: list[Claim]) -> None:
+        """Add newly read or reclaimed entries, once each (a reclaim can return an entry already held here)."""
+        held = {c.entry_id for c in self.backlog}
+        self.backlog += [c for c in claims if c.entry_id not in held]
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    async def _start_all(self, batch: list[Claim]) -> list[Claim]:
+        started = []
+        for claim in batch:
+            outcome = await self.queue.start(claim, self.consumer, self.settings.max_attempts)
+            if outcome == "ok":
+                started.append(claim)
+                continue
+            if outcome == "exhausted":
+                message = (f"job was claimed {self.settings.max_attempts} times without finishing (its worker died "
+                           f"or stalled each time); see the dead-letter stream")
+                await self.queue.fail(claim, "attempts_exhausted", message)
+                metrics.FAILURES.labels(self.model, "attempts_exhausted").inc()
+                metrics.JOBS.labels(self.model, "failed").inc()
+                log.error("job %s failed: %s", claim.job.id, message)
+            elif outcome == "cancelled":
+                metrics.JOBS.labels(self.model, "cancelled").inc()
+            await self.queue.ack(claim)  # cancelled, already finished elsewhere, expired, or just failed
+        return started
+
+    async def _run_batch(self, batch: list[Claim]) -> None:
+        started = await self._start_all(batch)
+        if not started:
+            return
+        now = time.time()
+        for claim in started:
+            metrics.QUEUE_WAIT.labels(self.model).observe(max(0.0, now - claim.job.created_at))
+        first = started[0].job.params
+        requests = [ImageRequest(c.job.params.prompt, seed, c.job.params.negative_prompt)
+                    for c in started for seed in c.job.params.seeds]
+        cancelled: set[str] = set()
+        loop = asyncio.get_running_loop()
+        step_metric = metrics.UNET_STEP.labels(self.model, self.runner.spec.backend)
+
+        async def report(step: int, total: int) -> None:
+            active = [c for c in started if c.job.id not in cancelled]
+            for job_id in await self.queue.progress(active, step, total) - cancelled:
+                cancelled.add(job_id)
+                claim = next(c for c in started if c.job.id == job_id)
+                await self.queue.mark_cancelled(claim)  # the client sees it stop now; batch-mates go on
+                log.info("job %s cancelled at step %d/%d", job_id, step, total)
+
+        in_flight: list[concurrent.futures.Future] = []
+
+        def on_step(step: int, total: int, seconds: float) -> None:  # runs in the inference thread
+            """Report progress without waiting for Redis (denoising never stalls on it; while a report is in
+            flight later steps are coalesced, the last one is always sent). A cancellation seen by the report of
+            step k stops the batch here at step k+1 at the latest."""
+            step_metric.observe(seconds)
+            if not in_flight or in_flight[-1].done() or step == total:
+                future = asyncio.run_coroutine_threadsafe(report(step, total), loop)
+                future.add_done_callback(_log_report_error)
+                in_flight.append(future)
+            if len(cancelled) == len(started) and step < total:
+                raise BatchCancelled
+
+        self._state = "running"
+        metrics.IN_FLIGHT.labels(self.model).inc(len(started))
+        keeper = asyncio.create_task(self._keep_claimed(started))
+        t0 = time.perf_counter()
+        try:
+            arrays = await asyncio.to_thread(self.runner.run, requests, width=first.width, height=first.height,
+                                             steps=first.steps, guidance=first.guidance, on_step=on_step)
+        except BatchCancelled:
+            log.info("batch of %d job(s) aborted: all cancelled", len(started))
+            for claim in started:
+                await self.queue.mark_cancelled(claim)
+                metrics.JOBS.labels(self.model, "cancelled").inc()
+                await self.queue.ack(claim)
+            return
+        except Exception as err:
+            log.exception("batch of %d job(s) failed", len(started))
+            message = f"inference failed: {type(err).__name__}: {err}"
+            for claim in started:
+                await self.queue.fail(claim, "inference_error", message)
+                metrics.FAILURES.labels(self.model, "inference_error").inc()
+                metrics.JOBS.labels(self.model, "failed").inc()
+                await self.queue.ack(claim)
+            return
+        finally:
+            keeper.cancel()
+            metrics.IN_FLIGHT.labels(self.model).dec(len(started))
+            self._state = "idle"
+            self.batches_run += 1
+        inference_s = time.perf_counter() - t0
+        metrics.INFERENCE.labels(self.model).observe(inference_s)
+        metrics.BATCH_SIZE.labels(self.model).observe(len(requests))
+        self._record_memory()
+        await self.queue.record_speed(self.model, inference_s / len(requests))
+        pngs = await asyncio.to_thread(lambda: [encode_png(a) for a in arrays])
+        info = {"batch_size": len(requests), "inference_s": round(inference_s, 4), "worker": self.consumer}
+        results, offset = [], 0
+        for claim in started:
+            n = claim.job.params.n
+            results.append((claim, pngs[offset:offset + n], info))
+            offset += n
+        outcomes = await self._store(results)
+        if outcomes is None:
+            return  # Redis stayed down: the entries stay pending and will be reclaimed
+        await self.queue.ack_many(started)
+        for claim, outcome in zip(started, outcomes, strict=True):
+            metrics.JOBS.labels(self.model, outcome if outcome in ("succeeded", "cancelled") else "duplicate").inc()
+            if outcome == "succeeded":
+                metrics.JOB_LATENCY.labels(self.model).observe(max(0.0, time.time() - claim.job.created_at))
+            elif outcome != "cancelled":
+                log.info("job %s already %s elsewhere; discarded this attempt's result", claim.job.id, outcome)
+
+    async def _store(self, results: list[tuple[Claim, list[bytes], dict[str, Any]]]) -> list[str] | None:
+        """Store a batch's results, retrying while Redis is down for up to the visibility timeout."""
+        deadline = time.monotonic() + self.settings.visibility_timeout_s
+        backoff = 0.2
+        while True:
+            try:
+                return await self.queue.complete_many(results)
+            except RedisError as err:
+                if time.monotonic() > deadline:
+                    log.error("could not store %d job(s) (%s); leaving them for another attempt", len(results), err)
+                    return None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _record_memory(self) -> None:
+        device = str(getattr(self.runner, "device", "cpu"))
+        if device.startswith("cuda"):
+            import torch
+
+            value = float(torch.cuda.max_memory_allocated(device))
+        else:
+            value = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin"
+                                                                                 else 1024)
+        metrics.DEVICE_MEMORY.labels(self.model, device).set(value)
+
+
+def run_worker(settings: Settings, model: str, *, metrics_port: int | None = None) -> int:
+    """Entry point of `spo worker`: load the model, then serve until SIGTERM/SIGINT (graceful drain)."""
+    from .manifest import load_manifest
+    from .queue import connect
+    from .runner import ModelRunner
+
+    if not settings.redis_url:
+        raise SystemExit("spo worker needs SPO_REDIS_URL (or --redis-url); `spo serve` starts a Redis for you")
+    spec = load_manifest(settings.manifest).get(model)
+    runner = ModelRunner(spec, device=settings.device, threads=settings.torch_threads).load()
+    runner.warmup()
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+        log.info("worker metrics on :%d/metrics", metrics_port)
+
+    async def main() -> None:
+        redis = connect(settings.redis_url, socket_timeout=10.0)
+        queue = JobQueue(redis, settings.key_prefix, job_ttl_s=settings.job_ttl_s,
+                         max_length=settings.queue_max_length)
+        worker = Worker(queue, runner, settings)
+        loop = asyncio.get_running_loop()
+        signals = {"count": 0}
+
+        def on_signal(signum: int) -> None:
+            signals["count"] += 1
+            if signals["count"] > 1:
+                log.warning("second %s: exiting without draining", signal.Signals(signum).name)
+                os._exit(1)
+            log.info("%s: draining (finishing claimed jobs, then exiting)", signal.Signals(signum).name)
+            worker.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            await worker.run()
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())
+    return 0

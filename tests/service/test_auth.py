@@ -1,0 +1,75 @@
+"""API keys (Bearer, constant-time check, keys file) and the per-key rate limit kept in Redis."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from service_harness import PROMPT, ApiServer, make_settings
+
+from service.auth import Authenticator, key_scope
+from service.errors import ApiError
+
+
+@pytest.fixture
+def secured(redis_url, prefix, manifest_path, tmp_path):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("# rotated monthly\nfile-key-3  # ops\n\n")
+    settings = make_settings(redis_url, prefix, manifest_path, api_keys=["key-1", "key-2"], api_keys_file=keys_file,
+                             rate_limit_per_minute=3)
+    server = ApiServer(settings).start()
+    yield server
+    server.stop()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_v1_requires_a_valid_key(secured):
+    url = secured.url
+    missing = httpx.post(f"{url}/v1/jobs", json={"prompt": PROMPT})
+    assert missing.status_code == 401
+    assert missing.json()["error"]["type"] == "authentication_error"
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert httpx.post(f"{url}/v1/jobs", json={"prompt": PROMPT}, headers=bearer("key-9")).status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Basic a2V5LTE="}).status_code == 401
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    # Auth comes before validation: an anonymous bad request learns nothing about the API.
+    assert httpx.post(f"{url}/v1/jobs", json={"prompt": PROMPT, "n": 99}).status_code == 401
+
+    assert httpx.get(f"{url}/v1/models", headers=bearer("key-1")).status_code == 200
+    job = httpx.post(f"{url}/v1/jobs", json={"prompt": PROMPT}, headers=bearer("file-key-3"))
+    assert job.status_code == 202
+    # Jobs are private to the key that created them.
+    job_id = job.json()["id"]
+    assert httpx.get(f"{url}/v1/jobs/{job_id}", headers=bearer("file-key-3")).status_code == 200
+    assert httpx.get(f"{url}/v1/jobs/{job_id}", headers=bearer("key-1")).status_code == 404
+
+
+def test_ops_endpoints_stay_open(secured):
+    assert httpx.get(f"{secured.url}/healthz").status_code == 200
+    assert httpx.get(f"{secured.url}/metrics").status_code == 200
+    assert httpx.get(f"{secured.url}/readyz").status_code == 503  # no worker, but not 401
+    assert httpx.get(f"{secured.url}/docs").status_code == 200
+
+
+def test_rate_limit_per_key(secured):
+    url = secured.url
+    codes = [httpx.post(f"{url}/v1/jobs", json={"prompt": PROMPT}, headers=bearer("key-2")).status_code
+             for _ in range(4)]
+    assert codes == [202, 202, 202, 429]
+    limited = httpx.post(f"{url}/v1/jobs", json={"prompt": PROMPT}, headers=bearer("key-2"))
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    # Another key has its own budget; reads are not counted.
+    assert httpx.post(f"{url}/v1/jobs", json={"prompt": PROMPT}, headers=bearer("key-1")).status_code == 202
+    assert httpx.get(f"{url}/v1/models", headers=bearer("key-2")).status_code == 200
+
+
+def test_authenticator_without_keys_is_open():
+    auth = Authenticator([])
+    assert not auth.enabled and auth.authenticate(None) == "anonymous"
+    closed = Authenticator(["secret"])
+    assert closed.authenticate("Bearer secret") == key_scope("secret") != "secret"  # keys are never kept as scope
+    with pytest.raises(ApiError):
+        closed.authenticate("Bearer secre")

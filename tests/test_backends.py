@@ -1,0 +1,199 @@
+"""UNet backends: ONNX export + ONNX Runtime parity, the artifact cache, and TensorRT's library-free parts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from service.artifacts import ArtifactCache, ArtifactKey, ShapeProfile, profile_for, weights_digest
+from service.backends import UnknownBackendError, get_backend
+from service.backends.onnx_export import example_inputs
+from service.backends.ort import OnnxRuntimeBackend
+from service.backends.trt import engine_key, profile_shapes, tensorrt_available
+from service.manifest import ModelSpec
+from service.pipeline import ImageRequest, generate, load_pipeline
+from tests.conftest import ROOT
+
+
+def _spec(base, kind, backend="onnxruntime", sizes=("64x64", "128x128")):
+    return ModelSpec(name="m", kind=kind, base=str(base), defaults={"steps": 20, "guidance": 5.0, "size": sizes[0]},
+                     sizes=list(sizes), max_n=4, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def smoke_xl(smoke_model, tmp_path_factory):
+    from training.train_base import train_base
+
+    return train_base("smoke-xl", tmp_path_factory.mktemp("xl") / "m", seed=0, vae_from=smoke_model / "vae")
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One artifact cache for the module: later tests reuse earlier exports (cache hits)."""
+    return tmp_path_factory.mktemp("engines")
+
+
+def _models(smoke_model, smoke_xl):
+    tiny, tiny_xl = ROOT / "models" / "spo-tiny", ROOT / "models" / "spo-tiny-xl"
+    return [(tiny if (tiny / "model_index.json").exists() else smoke_model, "sd15"),
+            (tiny_xl if (tiny_xl / "model_index.json").exists() else smoke_xl, "sdxl")]
+
+
+def test_onnxruntime_unet_matches_torch(smoke_model, smoke_xl, shared_cache):
+    """fp32 CPU parity <= 1e-4 max abs, batch 1/2/4, two sizes, SD and SDXL."""
+    for base, kind in _models(smoke_model, smoke_xl):
+        pipe = load_pipeline(str(base))
+        ort_unet = OnnxRuntimeBackend(cache_dir=shared_cache).prepare(pipe, _spec(base, kind))
+        for batch in (1, 2, 4):
+            for hw in ((8, 8), (16, 16)):
+                inputs = example_inputs(ort_unet.profile, batch, hw, torch.float32)
+                added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]} if kind == "sdxl" \
+                    else None
+                with torch.no_grad():
+                    ref = pipe.unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                                    added_cond_kwargs=added).sample
+                got = ort_unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                               added_cond_kwargs=added).sample
+                err = (got - ref).abs().max().item()
+                assert err <= 1e-4, (kind, batch, hw, err)
+
+
+def test_pipeline_images_on_onnxruntime_equal_torch(smoke_model, smoke_xl, shared_cache):
+    for base, kind in _models(smoke_model, smoke_xl):
+        pipe = load_pipeline(str(base))
+        reqs = [ImageRequest("a red circle on a blue background", 7),
+                ImageRequest("a blue square on a red background", 8)]
+        ref = generate(pipe, reqs, steps=4, guidance=5.0, width=64, height=64)
+        pipe.unet = OnnxRuntimeBackend(cache_dir=shared_cache).prepare(pipe, _spec(base, kind))
+        got = generate(pipe, reqs, steps=4, guidance=5.0, width=64, height=64)
+        for a, b in zip(ref, got, strict=True):
+            assert np.abs(a.astype(float) - b.astype(float)).mean() <= 1.0
+
+
+def test_onnx_file_interface(smoke_model, shared_cache):
+    import onnx
+
+    pipe = load_pipeline(str(smoke_model))
+    unet = OnnxRuntimeBackend(cache_dir=shared_cache).prepare(pipe, _spec(smoke_model, "sd15"))
+    model = onnx.load(str(unet.model_path))
+    inputs = {i.name: i for i in model.graph.input}
+    assert list(inputs) == ["sample", "timestep", "encoder_hidden_states"]
+    assert inputs["timestep"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert [d.dim_param for d in inputs["sample"].type.tensor_type.shape.dim] == ["batch", "", "height", "width"]
+    assert [o.name for o in model.graph.output] == ["out_sample"]
+
+
+def test_cache_hit_miss_and_never_a_mismatched_entry(smoke_model, tmp_path):
+    pipe = load_pipeline(str(smoke_model))
+    backend = OnnxRuntimeBackend(cache_dir=tmp_path)
+    backend.prepare(pipe, _spec(smoke_model, "sd15"))
+    entries = list((tmp_path / "onnx").iterdir())
+    assert len(entries) == 1
+    backend.prepare(pipe, _spec(smoke_model, "sd15"))  # hit: no new entry
+    assert len(list((tmp_path / "onnx").iterdir())) == 1
+    backend.prepare(pipe, _spec(smoke_model, "sd15", sizes=("64x64",)))  # another shape profile: another entry
+    assert len(list((tmp_path / "onnx").iterdir())) == 2
+    with torch.no_grad():  # other weights (e.g. another LoRA scale): another key
+        next(pipe.unet.parameters()).add_(0.01)
+    backend.prepare(pipe, _spec(smoke_model, "sd15"))
+    assert len(list((tmp_path / "onnx").iterdir())) == 3
+
+
+def test_tampered_or_partial_entry_is_a_miss(tmp_path):
+    profile = ShapeProfile(1, 2, 8, ((8, 8),), 16, 64)
+    key = ArtifactKey("w", "onnx", "1", "cpu", profile)
+    cache = ArtifactCache(tmp_path)
+    with cache.building(key) as d:
+        (d / "unet.onnx").write_text("x")
+    assert cache.lookup(key) == cache.path(key)
+    meta = json.loads((cache.path(key) / "meta.json").read_text())
+    meta["device"] = "NVIDIA A100"
+    (cache.path(key) / "meta.json").write_text(json.dumps(meta))
+    assert cache.lookup(key) is None
+    with pytest.raises(RuntimeError), cache.building(ArtifactKey("w2", "onnx", "1", "cpu", profile)):
+        raise RuntimeError("build failed")
+    assert cache.lookup(ArtifactKey("w2", "onnx", "1", "cpu", profile)) is None
+
+
+def test_weights_digest_tracks_values():
+    a = {"w": torch.ones(3), "b": torch.zeros(2)}
+    b = {"w": torch.ones(3), "b": torch.zeros(2)}
+    assert weights_digest(a) == weights_digest(b)
+    b["b"][0] = 1e-6
+    assert weights_digest(a) != weights_digest(b)
+    assert weights_digest({"w": torch.ones(3).half()}) != weights_digest({"w": torch.ones(3)})
+
+
+def test_out_of_profile_inputs_are_clear_errors(smoke_model, shared_cache):
+    pipe = load_pipeline(str(smoke_model))
+    backend = OnnxRuntimeBackend(cache_dir=shared_cache)
+    unet = backend.prepare(pipe, _spec(smoke_model, "sd15", sizes=("64x64",)))
+    assert backend.max_images() == 4  # the worker caps its batches there
+    x = example_inputs(unet.profile, 9, (8, 8), torch.float32)  # max_n 4 -> UNet batch <= 8
+    with pytest.raises(ValueError, match="batch 9"):
+        unet(x["sample"], x["timestep"], x["encoder_hidden_states"])
+    x = example_inputs(unet.profile, 2, (16, 16), torch.float32)
+    with pytest.raises(ValueError, match="latent size 16x16"):
+        unet(x["sample"], x["timestep"], x["encoder_hidden_states"])
+
+
+def test_tensorrt_profile_covers_cfg_batch_and_every_size():
+    from types import SimpleNamespace
+
+    sd = SimpleNamespace(cross_attention_dim=768, addition_embed_type=None)
+    p = profile_for(sd, [(512, 512), (768, 512)], max_images=4, text_len=77)
+    shapes = profile_shapes(p)
+    assert shapes["sample"] == ((1, 4, 64, 64), (2, 4, 64, 64), (8, 4, 64, 96))
+    assert shapes["encoder_hidden_states"][2] == (8, 77, 768)
+    assert set(shapes) == {"sample", "timestep", "encoder_hidden_states"}
+    xl = SimpleNamespace(cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                         projection_class_embeddings_input_dim=2816)
+    shapes = profile_shapes(profile_for(xl, [(1024, 1024)], max_images=2, text_len=77))
+    assert shapes["text_embeds"] == ((1, 1280), (2, 1280), (4, 1280))
+    assert shapes["time_ids"][2] == (4, 6)
+
+
+def test_tensorrt_engine_key_depends_on_gpu_and_version():
+    profile = ShapeProfile(1, 2, 8, ((64, 64),), 77, 768)
+    onnx_key = ArtifactKey("w", "onnx", "1.16", "any", profile)
+    keys = {engine_key(onnx_key, v, g, True).digest for v in ("10.3", "10.4") for g in ("H100", "A10G")}
+    assert len(keys) == 4
+    assert engine_key(onnx_key, "10.3", "H100", True).digest != engine_key(onnx_key, "10.3", "H100", False).digest
+
+
+def test_unavailable_backends_fail_loudly():
+    with pytest.raises(UnknownBackendError, match="available"):
+        get_backend("tvm")
+    if not tensorrt_available():
+        with pytest.raises(RuntimeError, match="TensorRT"):
+            get_backend("tensorrt")
+
+
+@pytest.mark.skipif(not tensorrt_available() or not torch.cuda.is_available(),
+                    reason="needs the tensorrt package and a CUDA GPU (neither is installable on the dev machines)")
+def test_tensorrt_engine_matches_torch(smoke_model, tmp_path):
+    pipe = load_pipeline(str(smoke_model), device="cuda")
+    spec = _spec(smoke_model, "sd15", backend="tensorrt").model_copy(update={"device": "cuda"})
+    from service.backends.trt import TensorRTBackend
+
+    unet = TensorRTBackend(cache_dir=tmp_path).prepare(pipe, spec)
+    x = example_inputs(unet.profile, 2, (8, 8), torch.float32, "cuda")
+    with torch.no_grad():
+        ref = pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample
+    got = unet(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample
+    assert (got - ref).abs().max().item() < 1e-3
+
+
+def test_spo_export_writes_the_onnx_interface_and_names_bad_flags(smoke_model, tmp_path, capsys):
+    from service.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(smoke_model), "--backend", "onnx", "--out", str(out),
+                 "--cache", str(tmp_path / "cache")]) == 0
+    assert (out / "unet.onnx").is_file() and (out / "unet.meta.json").is_file()
+    for argv, flag in ((["--model", "no-such-model"], "--model"), (["--model", str(smoke_model), "--sizes", "65x64"],
+                                                                   "--sizes")):
+        with pytest.raises(SystemExit):
+            main(["export", "--backend", "onnx", "--cache", str(tmp_path / "cache"), *argv])
+        assert flag in capsys.readouterr().err
