@@ -62,3 +62,18 @@ def test_unknown_preset_and_missing_spm_are_errors(smoke_model, tmp_path):
         train_spo("huge", smoke_model, tmp_path)
     with pytest.raises(ValueError, match="--spm"):
         train_spo("smoke", smoke_model, tmp_path, scorer="spm")
+
+
+def test_cli_train_spo_and_eval_compare(smoke_model, tmp_path, capsys):
+    from service.cli import main
+
+    out = tmp_path / "spo"
+    assert main(["train", "spo", "--preset", "smoke", "--model", str(smoke_model), "--scorer", "rater",
+                 "--out", str(out), "--max-batches", "1"]) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert main(["eval", "compare", "--models", f"base={smoke_model}", f"spo={smoke_model}+{out}", "--out",
+                 str(tmp_path / "cmp"), "--n-heldout", "4", "--steps", "2"]) == 0
+    assert (tmp_path / "cmp" / "side_by_side.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["train", "spo", "--preset", "smoke", "--model", str(smoke_model), "--out", str(out)])
+    assert "--spm" in capsys.readouterr().err

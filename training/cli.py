@@ -122,6 +122,40 @@ def _cmd_eval_spm(args, parser) -> int:
     return 0
 
 
+def _cmd_train_spo(args, parser) -> int:
+    from .train_spo import PRESETS, train_spo
+
+    if args.preset not in PRESETS:
+        parser.error(f"argument --preset: choose from {sorted(PRESETS)}")
+    if not (Path(args.model) / "model_index.json").is_file():
+        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r}")
+    if args.scorer == "spm" and (args.spm is None or not Path(args.spm).is_dir()):
+        parser.error("argument --spm: a step-aware preference model folder is required with --scorer spm")
+    out = train_spo(args.preset, Path(args.model), Path(args.out), spm=Path(args.spm) if args.spm else None,
+                    scorer=args.scorer, seed=args.seed, full_unet=args.full_unet, resume=args.resume,
+                    max_batches=args.max_batches)
+    print(f"saved the SPO fine-tune and its manifest entry to {out}")
+    return 0
+
+
+def _cmd_eval_compare(args, parser) -> int:
+    from .evaluate import evaluate_models
+
+    models: dict[str, tuple[str, str | None]] = {}
+    for item in args.models:
+        name, _, ref = item.partition("=")
+        base, _, lora = ref.partition("+")
+        if not name or not (Path(base) / "model_index.json").is_file():
+            parser.error(f"argument --models: expected NAME=PIPELINE_DIR[+LORA_DIR], got {item!r}")
+        if lora and not Path(lora).exists():
+            parser.error(f"argument --models: LoRA {lora!r} does not exist")
+        models[name] = (base, lora or None)
+    result = evaluate_models(models, Path(args.out), n_heldout=args.n_heldout, n_train=args.n_train,
+                             steps=args.steps, guidance=args.guidance)
+    print((Path(args.out) / "report.md").read_text())
+    return 0 if result else 1
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("shapes", help="write shapes-world images + metadata.jsonl")
@@ -179,7 +213,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=_positive_int, default=None, help="steps between checkpoints")
     p.set_defaults(func=_cmd_train_spm, _parser=p)
 
+    p = train.add_parser("spo", help="SPO fine-tuning (LoRA by default; also under `accelerate launch`)")
+    p.add_argument("--preset", default="tiny", help="tiny | tiny-xl | sd15 | sdxl | smoke")
+    p.add_argument("--model", default="models/spo-tiny", help="base diffusers pipeline folder")
+    p.add_argument("--spm", default=None, help="step-aware preference model folder (spo train spm)")
+    p.add_argument("--scorer", choices=["spm", "rater"], default="spm",
+                   help="rater: the shapes-world rater on decoded x0 (a step-unaware ablation)")
+    p.add_argument("--out", default="runs/spo-tiny-spo")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--full-unet", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after N prompt batches")
+    p.set_defaults(func=_cmd_train_spo, _parser=p)
+
     ev = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="eval_command", required=True)
+    p = ev.add_parser("compare", help="the same held-out prompts x seeds through several models: rater parts, "
+                                      "win-rates against the first, side-by-side grid")
+    p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR[+LORA]",
+                   help="e.g. base=models/spo-tiny spo=models/spo-tiny+runs/spo-tiny-spo")
+    p.add_argument("--out", default="runs/eval-compare")
+    p.add_argument("--n-heldout", type=_positive_int, default=256)
+    p.add_argument("--n-train", type=int, default=0)
+    p.add_argument("--steps", type=_positive_int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.set_defaults(func=_cmd_eval_compare, _parser=p)
     p = ev.add_parser("base", help="rate a base model's images on training and held-out combinations")
     p.add_argument("--model", default="models/spo-tiny")
     p.add_argument("--out", default="runs/eval-base")
