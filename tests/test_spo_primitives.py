@@ -120,3 +120,18 @@ def test_spo_loss_gradient_pushes_win_up_and_lose_down():
     ll = torch.tensor([0.0], requires_grad=True)
     spo_loss(lw, torch.zeros(1), ll, torch.zeros(1), beta=10.0, eps=0.1).backward()
     assert lw.grad.item() < 0 < ll.grad.item()
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_predicted_x0_recovers_the_clean_latent(kind):
+    """Noise a known x0, give each parametrisation its exact target, and get x0 back."""
+    from training.spo import predicted_x0
+
+    sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        prediction_type=kind)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([300, 700])
+    a = sch.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0, "sample": x0}[kind]
+    torch.testing.assert_close(predicted_x0(sch, target, t, x_t), x0, rtol=1e-4, atol=1e-4)

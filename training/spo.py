@@ -41,6 +41,8 @@ def _x0_and_eps(scheduler, out: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor
         return (x - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
     if kind == "v_prediction":
         return a_t.sqrt() * x - (1 - a_t).sqrt() * out, a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    if kind == "sample":
+        return out, (x - a_t.sqrt() * out) / (1 - a_t).sqrt()
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .latents import decode_to_unit
 from .preference_data import CLEAR_GAP, PreferenceData, PreferencePair, generate_pairs, load_pairs, plan_pairs
 from .spm import StepAwarePreferenceModel, build_spm
+from .spo import predicted_x0
 
 EVAL_TIMESTEPS = (0, 251, 501, 751, 951)  # the set; the paper reports 701 instead of 751
 EVAL_SEED = 10**9  # "step" key of evaluation examples, outside any training step
@@ -95,7 +97,6 @@ class StepImages:
         self.pipe, self.guidance, self.cache_size = pipe, guidance, cache_size
         self.vae, self.unet = pipe.vae, pipe.unet
         self.alphas = pipe.scheduler.alphas_cumprod.float()
-        self.prediction_type = pipe.scheduler.config.prediction_type
         self.scaling = self.vae.config.scaling_factor
         self.shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.is_xl = hasattr(pipe, "text_encoder_2")
@@ -153,14 +154,8 @@ class StepImages:
                         encoder_hidden_states=embeds.to(self.unet.dtype), added_cond_kwargs=added).sample.float()
         uncond, cond = out.chunk(2)
         pred = uncond + self.guidance * (cond - uncond)
-        if self.prediction_type == "epsilon":
-            x0 = (x_t - (1 - a).sqrt() * pred) / a.sqrt()
-        elif self.prediction_type == "v_prediction":
-            x0 = a.sqrt() * x_t - (1 - a).sqrt() * pred
-        else:  # "sample"
-            x0 = pred
-        decoded = self.vae.decode((x0 / self.scaling + self.shift).to(self.vae.dtype)).sample
-        return ((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        x0 = predicted_x0(self.pipe.scheduler, pred, t_all, x_t)
+        return decode_to_unit(self.vae, x0)
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .latents import decode_to_unit
 from .sampler import StepPairs, spo_sample
 from .shapes import HELD_OUT, TRAIN_COMBOS, caption_for
 from .spo import ddim_step_log_prob, spo_loss
@@ -78,12 +79,6 @@ PRESETS["smoke"] = replace(PRESETS["tiny"], prompts_per_batch=2, epochs=1, num_s
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], (N, 3, H, W), fp32."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return ((images.float() + 1) / 2).clamp(0, 1)
-
-
 def spm_scorer(vae, spm, prompts: list[str], batch: int = 64) -> ScoreFn:
     """Decode each candidate's predicted x0 and score it with the step-aware preference model at its timestep."""
 
@@ -91,7 +86,7 @@ def spm_scorer(vae, spm, prompts: list[str], batch: int = 64) -> ScoreFn:
     def score(x0: torch.Tensor, prompt_index: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = []
         for i in range(0, len(x0), batch):
-            images = decode(vae, x0[i:i + batch])
+            images = decode_to_unit(vae, x0[i:i + batch])
             texts = [prompts[j] for j in prompt_index[i:i + batch].tolist()]
             out.append(spm.score(images, texts, t[i:i + batch]).float())
         return torch.cat(out)
@@ -105,7 +100,7 @@ def rater_scorer(vae, prompts: list[str], scale: float = 20.0) -> ScoreFn:
 
     @torch.no_grad()
     def score(x0: torch.Tensor, prompt_index: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        images = (decode(vae, x0).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        images = (decode_to_unit(vae, x0).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         return torch.tensor([scale * rate(img, prompts[j]).total for img, j in zip(images, prompt_index.tolist(),
                                                                                   strict=True)])
 

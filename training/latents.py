@@ -1,0 +1,12 @@
+"""Latents to images: the one place that undoes the VAE's scaling (and shift) and decodes."""
+
+from __future__ import annotations
+
+import torch
+
+
+def decode_to_unit(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [0, 1], (N, 3, H, W), float32 (what the preference models and rater take)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
