@@ -23,8 +23,7 @@ def smoke_model(tmp_path_factory) -> Path:
 def tiny_model() -> Path:
     """The committed spo-tiny model."""
     path = ROOT / "models" / "spo-tiny"
-    if not (path / "model_index.json").is_file():
-        pytest.skip("models/spo-tiny is not present (train it with `spo train base --preset tiny`)")
+    assert (path / "model_index.json").is_file(), "models/spo-tiny is committed and must be present"
     return path
 
 
