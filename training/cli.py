@@ -7,16 +7,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+from service.cli import positive_int  # one argparse type for counts across `spo`
+
 for _dep in ("torch", "diffusers", "transformers", "scipy"):
     if importlib.util.find_spec(_dep) is None:
         raise ImportError(f"missing dependency {_dep!r}")
-
-
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def _float_list(value: str) -> tuple[float, ...]:
@@ -160,14 +155,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("shapes", help="write shapes-world images + metadata.jsonl")
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=_positive_int, required=True)
+    p.add_argument("--n", type=positive_int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
                    help="which (colour, shape, background) combinations to draw from")
     p.set_defaults(func=_cmd_data_shapes, _parser=p)
     p = data.add_parser("pairs", help="write Pick-a-Pic-format preference pairs from a model's own generations")
     p.add_argument("--model", default="models/spo-tiny", help="diffusers pipeline folder that generates the images")
-    p.add_argument("--n", type=_positive_int, required=True, help="number of pairs")
+    p.add_argument("--n", type=positive_int, required=True, help="number of pairs")
     p.add_argument("--out", required=True, help="folder for the parquet shards (an interrupted run resumes)")
     p.add_argument("--temperature", type=float, default=0.005,
                    help="Bradley-Terry temperature T: P(image_0 wins) = sigmoid((total_0 - total_1) / T); "
@@ -176,10 +171,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
                    help="which (colour, shape, background) combinations the prompts come from")
-    p.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps")
+    p.add_argument("--steps", type=positive_int, default=20, help="DDIM steps")
     p.add_argument("--guidance", type=_float_list, default=(5.0,),
                    help="CFG scale, or a comma list from which each image draws its own (e.g. 1,1.5,2,3,5,7.5)")
-    p.add_argument("--batch", type=_positive_int, default=32, help="pairs per pipeline call")
+    p.add_argument("--batch", type=positive_int, default=32, help="pairs per pipeline call")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_data_pairs, _parser=p)
 
@@ -202,15 +197,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-time-conditioning", action="store_true", help="ablation: a plain CLIP scorer, t ignored")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
-    p.add_argument("--stop-after", type=_positive_int, default=None, help="stop (with a checkpoint) after N steps")
-    p.add_argument("--steps", type=_positive_int, default=None, help="override the preset's optimizer steps")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="override: pairs per step, all processes")
-    p.add_argument("--micro-batch", type=_positive_int, default=None, help="override: pairs per process per pass")
+    p.add_argument("--stop-after", type=positive_int, default=None, help="stop (with a checkpoint) after N steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="override the preset's optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="override: pairs per step, all processes")
+    p.add_argument("--micro-batch", type=positive_int, default=None, help="override: pairs per process per pass")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--warmup", type=int, default=None, help="override: linear warm-up steps")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (0: never)")
-    p.add_argument("--eval-pairs", type=_positive_int, default=None)
-    p.add_argument("--save-every", type=_positive_int, default=None, help="steps between checkpoints")
+    p.add_argument("--eval-pairs", type=positive_int, default=None)
+    p.add_argument("--save-every", type=positive_int, default=None, help="steps between checkpoints")
     p.set_defaults(func=_cmd_train_spm, _parser=p)
 
     p = train.add_parser("spo", help="SPO fine-tuning (LoRA by default; also under `accelerate launch`)")
@@ -223,7 +218,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--full-unet", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after N prompt batches")
+    p.add_argument("--max-batches", type=positive_int, default=None, help="stop after N prompt batches")
     p.set_defaults(func=_cmd_train_spo, _parser=p)
 
     ev = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="eval_command", required=True)
@@ -232,24 +227,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR[+LORA]",
                    help="e.g. base=models/spo-tiny spo=models/spo-tiny+runs/spo-tiny-spo")
     p.add_argument("--out", default="runs/eval-compare")
-    p.add_argument("--n-heldout", type=_positive_int, default=256)
+    p.add_argument("--n-heldout", type=positive_int, default=256)
     p.add_argument("--n-train", type=int, default=0)
-    p.add_argument("--steps", type=_positive_int, default=20)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.set_defaults(func=_cmd_eval_compare, _parser=p)
     p = ev.add_parser("base", help="rate a base model's images on training and held-out combinations")
     p.add_argument("--model", default="models/spo-tiny")
     p.add_argument("--out", default="runs/eval-base")
-    p.add_argument("--n-train", type=_positive_int, default=240)
-    p.add_argument("--n-heldout", type=_positive_int, default=200)
-    p.add_argument("--steps", type=_positive_int, default=20)
+    p.add_argument("--n-train", type=positive_int, default=240)
+    p.add_argument("--n-heldout", type=positive_int, default=200)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.set_defaults(func=_cmd_eval_base, _parser=p)
     p = ev.add_parser("spm", help="pairwise accuracy of an SPM against the rater at several denoising steps")
     p.add_argument("--model", required=True, help="SPM folder written by `spo train spm`")
     p.add_argument("--ablation", default=None, help="SPM folder trained with --no-time-conditioning")
     p.add_argument("--base-model", default=None, help="diffusion pipeline (default: the one the SPM was trained with)")
-    p.add_argument("--pairs", type=_positive_int, default=500, help="fresh held-out pairs to generate")
+    p.add_argument("--pairs", type=positive_int, default=500, help="fresh held-out pairs to generate")
     p.add_argument("--guidance", type=_float_list, default=(5.0,),
                    help="CFG scale(s) of the fresh pairs' images, as for `spo data pairs`")
     p.add_argument("--seed", type=int, default=4321)

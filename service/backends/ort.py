@@ -102,7 +102,7 @@ class OnnxRuntimeBackend(UNetBackend):
 
         device = torch.device(spec.device)
         fp16 = spec.dtype == "float16"
-        path, _ = ensure_onnx(pipe, spec, self.cache, fp16)
+        path, key = ensure_onnx(pipe, spec, self.cache, fp16)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # As many threads as this process may use (the CPU affinity, not the machine's core count): extra
@@ -117,7 +117,7 @@ class OnnxRuntimeBackend(UNetBackend):
             providers = ["CPUExecutionProvider"]
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         log.info("onnxruntime session on %s (%s)", providers[0], path)
-        self.profile = unet_profile(pipe, spec)
+        self.profile = key.profile
         return OrtUNet(session, pipe.unet, self.profile, device, path)
 
     def max_images(self) -> int | None:
