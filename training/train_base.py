@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLP
 from tqdm.auto import tqdm
 
 from . import architectures as arch
+from .conditioning import condition
 from .plots import save_curves
 from .shapes import make_arrays
 
@@ -107,20 +108,6 @@ def build_pipeline(kind: str, vae, tokenizer, text_encoders, unet):
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
                                      force_zeros_for_empty_prompt=False)
-
-
-def condition(pipe, captions: list[str]) -> tuple[torch.Tensor, dict]:
-    """Text conditioning exactly as the diffusers pipeline computes it at inference (with gradients)."""
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=pipe.device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-        return embeds, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(captions), 1)}
-    embeds, _ = pipe.encode_prompt(captions, device=pipe.device, num_images_per_prompt=1,
-                                   do_classifier_free_guidance=False)
-    return embeds, {}
 
 
 def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], p: BasePreset, gen: torch.Generator, log):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .conditioning import PromptBatch, cfg_eps, encode_prompts
 from .latents import decode_to_unit
 from .preference_data import CLEAR_GAP, PreferenceData, PreferencePair, generate_pairs, load_pairs, plan_pairs
 from .spm import StepAwarePreferenceModel, build_spm
@@ -99,41 +100,26 @@ class StepImages:
         self.alphas = pipe.scheduler.alphas_cumprod.float()
         self.scaling = self.vae.config.scaling_factor
         self.shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        self.is_xl = hasattr(pipe, "text_encoder_2")
         self._text: dict[str, tuple[torch.Tensor, ...]] = {}
         size = self.unet.config.sample_size
         self.latent_shape = (self.unet.config.in_channels, size, size)
         self.image_size = size * pipe.vae_scale_factor
 
-    @torch.no_grad()
-    def _encode_captions(self, captions: list[str]) -> None:
-        pipe, device = self.pipe, self.unet.device
-        if self.is_xl:
-            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(captions, device=device,
-                                                                     do_classifier_free_guidance=True)
-        else:
-            cond, uncond = pipe.encode_prompt(captions, device, 1, True)
-            pooled = uncond_pooled = cond[:, 0]  # unused placeholders
-        for i, caption in enumerate(captions):
-            self._text[caption] = (uncond[i], cond[i], uncond_pooled[i], pooled[i])
-
-    def text_conditioning(self, captions: list[str]) -> tuple[torch.Tensor, dict | None]:
-        """[unconditional; conditional] text embeddings (and SDXL's added conditioning) for a CFG batch."""
+    def prompt_batch(self, captions: list[str]) -> PromptBatch:
+        """Conditioning of `captions` (cached per caption: the text encoders are frozen)."""
         missing = sorted({c for c in captions if c not in self._text})
         if len(self._text) + len(missing) > self.cache_size:
-            self._text.clear()  # frozen text encoders: the cache only saves time, any eviction policy is correct
+            self._text.clear()  # any eviction policy is correct; the cache only saves time
         if missing:
-            self._encode_captions(missing)
-        parts = [torch.stack([self._text[c][k] for c in captions]) for k in range(4)]
-        embeds = torch.cat([parts[0], parts[1]])
-        if not self.is_xl:
-            return embeds, None
-        pipe = self.pipe
-        size = (self.image_size, self.image_size)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-        return embeds, {"text_embeds": torch.cat([parts[2], parts[3]]),
-                        "time_ids": time_ids.to(embeds.device).repeat(embeds.shape[0], 1)}
+            pb = encode_prompts(self.pipe, missing)
+            for i, caption in enumerate(missing):
+                self._text[caption] = (pb.cond[i], pb.uncond[i], {k: v[i] for k, v in pb.added_cond.items()},
+                                       {k: v[i] for k, v in pb.added_uncond.items()})
+        rows = [self._text[c] for c in captions]
+        keys = rows[0][2].keys()
+        return PromptBatch(list(captions), torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
+                           {k: torch.stack([r[2][k] for r in rows]) for k in keys},
+                           {k: torch.stack([r[3][k] for r in rows]) for k in keys})
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, captions: list[str], t: torch.Tensor, noise: torch.Tensor
@@ -149,11 +135,8 @@ class StepImages:
         t_all = t.to(device).repeat(k)
         a = self.alphas.to(device)[t_all].view(-1, 1, 1, 1)
         x_t = a.sqrt() * latents + (1 - a).sqrt() * noise.to(device).float().repeat(k, 1, 1, 1)
-        embeds, added = self.text_conditioning(list(captions) * k)
-        out = self.unet(torch.cat([x_t, x_t]).to(self.unet.dtype), torch.cat([t_all, t_all]),
-                        encoder_hidden_states=embeds.to(self.unet.dtype), added_cond_kwargs=added).sample.float()
-        uncond, cond = out.chunk(2)
-        pred = uncond + self.guidance * (cond - uncond)
+        pb = self.prompt_batch(list(captions) * k)
+        pred = cfg_eps(self.unet, x_t, t_all, pb, torch.arange(len(pb.prompts), device=device), self.guidance)
         x0 = predicted_x0(self.pipe.scheduler, pred, t_all, x_t)
         return decode_to_unit(self.vae, x0)
 

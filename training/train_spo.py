@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .conditioning import PromptBatch, cfg_eps, encode_prompts
 from .latents import decode_to_unit
 from .sampler import StepPairs, spo_sample
 from .shapes import HELD_OUT, TRAIN_COMBOS, caption_for
 from .spo import ddim_step_log_prob, spo_loss
-from .train_base import condition
 
 
 @dataclass(frozen=True)
@@ -108,44 +108,6 @@ def rater_scorer(vae, prompts: list[str], scale: float = 20.0) -> ScoreFn:
 
 
 # -- Model plumbing. ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptBatch:
-    """Conditioning for a batch of prompts, with the unconditional branch for classifier-free guidance."""
-
-    prompts: list[str]
-    cond: torch.Tensor
-    uncond: torch.Tensor
-    added_cond: dict
-    added_uncond: dict
-
-    def select(self, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Embeddings for rows `index`, stacked [uncond; cond] as the CFG UNet call expects."""
-        emb = torch.cat([self.uncond[index], self.cond[index]])
-        added = {k: torch.cat([self.added_uncond[k][index], self.added_cond[k][index]]) for k in self.added_cond}
-        return emb, added
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> PromptBatch:
-    cond, added_c = condition(pipe, prompts)
-    uncond, added_u = condition(pipe, [""] * len(prompts))
-    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # real SDXL: zeros are its unconditional input
-        uncond = torch.zeros_like(uncond)
-        added_u = {**added_u, "text_embeds": torch.zeros_like(added_u["text_embeds"])}
-    return PromptBatch(prompts, cond, uncond, added_c, added_u)
-
-
-def cfg_eps(unet, x: torch.Tensor, t: torch.Tensor, batch: PromptBatch, index: torch.Tensor,
-            guidance: float) -> torch.Tensor:
-    """Noise prediction with classifier-free guidance, in one UNet call of twice the batch."""
-    emb, added = batch.select(index)
-    x_in = torch.cat([x, x]).to(unet.dtype)
-    t_in = torch.cat([t, t]) if t.ndim else t
-    out = unet(x_in, t_in, encoder_hidden_states=emb.to(unet.dtype), added_cond_kwargs=added or None).sample
-    uncond, cond = out.float().chunk(2)
-    return uncond + guidance * (cond - uncond)
 
 
 def pair_log_probs(unet, scheduler, pairs: StepPairs, batch: PromptBatch, p: SPOPreset) -> tuple[torch.Tensor, ...]:
