@@ -23,15 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SD15 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2)
-SDXL = dict(sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-            block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+from training.architectures import SD15_UNET as SD15  # noqa: E402
+from training.architectures import SDXL_UNET as SDXL  # noqa: E402
 
 
 def its(fn, iters: int, warmup: int = 5) -> float:
@@ -45,7 +38,7 @@ def its(fn, iters: int, warmup: int = 5) -> float:
     return iters / (time.perf_counter() - start)
 
 
-def bench(name: str, config: dict, iters: int) -> dict:
+def bench(name: str, config: dict, iters: int, compile_mode: str) -> dict:
     from diffusers import UNet2DConditionModel
 
     from service.artifacts import profile_for
@@ -63,8 +56,12 @@ def bench(name: str, config: dict, iters: int) -> dict:
             unet(x["sample"], x["timestep"], x["encoder_hidden_states"], added_cond_kwargs=added)
 
     result["eager_it_s"] = its(eager, iters)
+    # A fresh dynamo cache per model: otherwise the second UNet counts as a recompile of the same forward and is
+    # compiled with dynamic shapes (slow to build, and not what a worker serving one model does).
+    torch._dynamo.reset()
     torch.cuda.reset_peak_memory_stats()
-    compiled = torch.compile(unet, mode="max-autotune-no-cudagraphs")
+    compiled = torch.compile(unet, mode=compile_mode)
+    result["compile_mode"] = compile_mode
     t0 = time.perf_counter()
 
     def comp():
@@ -106,13 +103,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["sd15", "sdxl"], default=None)
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode (max-autotune-no-cudagraphs tunes GEMMs: minutes longer to compile)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_unet.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gpu_unet.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
-    results = [bench(n, c, args.iters) for n, c in (("sd15", SD15), ("sdxl", SDXL)) if args.only in (None, n)]
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    results = []
+    for name, config in (("sd15", SD15), ("sdxl", SDXL)):
+        if args.only in (None, name):
+            results.append(bench(name, config, args.iters, args.compile_mode))
+            Path(args.out).write_text(json.dumps(results, indent=2))  # after each model: a cut-off run keeps these
     for r in results:
         ort_its = r.get("onnxruntime_it_s")
         print(f"{r['model']}: eager {r['eager_it_s']:.1f} it/s | compile {r['compile_it_s']:.1f} it/s "

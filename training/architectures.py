@@ -105,3 +105,35 @@ def build_sdxl_unet(widths: TinyWidths = TinyWidths(), time_embed_dim: int = 8) 
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
         projection_class_embeddings_input_dim=6 * time_embed_dim + pooled, norm_num_groups=16,
     )
+
+
+# -- Real-size architectures (random weights): GPU benchmarks and architecture checks; nothing is downloaded. -------
+
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2)
+SDXL_UNET = dict(sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+                 block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+              block_out_channels=(128, 256, 512, 512), scaling_factor=0.18215)
+CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+
+
+def build_random_sd15_pipeline(tokenizer_dir: Path):
+    """A StableDiffusionPipeline with SD 1.5's exact architecture and random weights (77-token prompts)."""
+    from diffusers import StableDiffusionPipeline
+
+    write_clip_tokenizer(tokenizer_dir, vocabulary(), 77)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text = CLIPTextConfig(**CLIP_L_TEXT, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    return StableDiffusionPipeline(vae=AutoencoderKL(**SD_VAE), text_encoder=CLIPTextModel(text), tokenizer=tokenizer,
+                                   unet=UNet2DConditionModel(**SD15_UNET), scheduler=sd_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)

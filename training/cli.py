@@ -24,6 +24,16 @@ def _float_list(value: str) -> tuple[float, ...]:
     return values
 
 
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value!r}")
+    return number
+
+
 def _cmd_data_shapes(args, parser) -> int:
     from .shapes import write_dataset
 
@@ -95,7 +105,8 @@ def _cmd_train_spm(args, parser) -> int:
                                    ("eval_pairs", args.eval_pairs)) if v is not None}
     out = train_spm(args.data, args.model, args.out, args.preset, init=args.init, tokenizer=args.tokenizer,
                     eval_data=args.eval_data, time_conditioning=not args.no_time_conditioning, seed=args.seed,
-                    resume=args.resume, stop_after=args.stop_after, overrides=overrides)
+                    resume=args.resume, stop_after=args.stop_after, overrides=overrides,
+                    max_minutes=args.max_minutes)
     print(f"saved the step-aware preference model to {out}")
     return 0
 
@@ -199,6 +210,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     p.add_argument("--stop-after", type=positive_int, default=None, help="stop (with a checkpoint) after N steps")
     p.add_argument("--steps", type=positive_int, default=None, help="override the preset's optimizer steps")
+    p.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="wall-clock budget: stop there and save the model trained so far")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override: pairs per step, all processes")
     p.add_argument("--micro-batch", type=positive_int, default=None, help="override: pairs per process per pass")
     p.add_argument("--lr", type=float, default=None)

@@ -259,11 +259,13 @@ def _checkpoints(folder: Path) -> list[Path]:
 def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str = "tiny", *,
               init: Path | str | None = None, tokenizer: Path | str | None = None,
               eval_data: Path | str | None = None, time_conditioning: bool = True, seed: int = 0,
-              resume: bool = False, stop_after: int | None = None, overrides: dict | None = None) -> Path:
+              resume: bool = False, stop_after: int | None = None, overrides: dict | None = None,
+              max_minutes: float | None = None) -> Path:
     """Train an SPM on the pairs in `data`, noising through the diffusion pipeline `model`; save it at `out`.
 
     `overrides` replaces preset fields (e.g. {"steps": 20}); `stop_after` ends this run after that many steps
-    (a checkpoint is written there) so it can be continued with `resume=True`.
+    (a checkpoint is written there) so it can be continued with `resume=True`; `max_minutes` is a wall-clock budget
+    after which the model trained so far is saved as the result.
     """
     from accelerate import Accelerator
 
@@ -377,6 +379,7 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
     bar = tqdm(range(state["step"], p.steps), initial=state["step"], total=p.steps, desc="spm",
                disable=not main, dynamic_ncols=True)
     last_step = state["step"]
+    out_of_time = False
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = p.lr * lr_factor(step, p.warmup)
@@ -421,11 +424,15 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
             save_checkpoint(last_step)
         if stop_after is not None and last_step - state["step"] >= stop_after:
             break
+        if max_minutes is not None and time.time() - started > 60 * max_minutes:
+            out_of_time = True  # a wall-clock budget: the model so far is the result (training_info says so)
+            break
     bar.close()
     if main:
         print(data_set.stats.report(), file=sys.stderr)
 
-    if last_step >= p.steps:
+    finished = last_step >= p.steps or out_of_time
+    if finished:
         if p.eval_every > 0 and last_step % p.eval_every:
             evaluate(last_step)
         if main:
@@ -433,11 +440,12 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
             info = {"preset": preset, "seed": seed, "data": str(data), "diffusion_model": str(model),
                     "init": str(init) if init else None, "time_conditioning": time_conditioning,
                     "processes": world, "train_seconds": round(time.time() - started, 1), "config": asdict(p),
+                    "steps_done": last_step, "stopped_by_time_budget": out_of_time,
                     "data_stats": {"read": data_set.stats.read, "skipped": dict(data_set.stats.skipped)}}
             (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if log_file is not None:
         log_file.close()
-        if last_step >= p.steps:
+        if finished:
             from .plots import save_curves
 
             save_curves(log_path, out / "train_curves.png", keys=("loss", "acc_t0", "acc_t501", "acc_clear_t501"),

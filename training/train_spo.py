@@ -149,6 +149,64 @@ class reference_model:  # noqa: N801 - used as a context manager, reads like a p
 # -- Training. ------------------------------------------------------------------------------------------------------
 
 
+def sample_step_pairs(accelerator, pipe, unet, p: SPOPreset, score_fn: ScoreFn, prompts: list[str],
+                      latents: torch.Tensor, generators: list[torch.Generator]):
+    """Step 1 of an SPO iteration: sample with the current policy and the step-wise resampler.
+
+    Returns the sampler's result, the prompts' conditioning and the seconds spent sampling vs scoring.
+    """
+    started = time.perf_counter()
+    unet.eval()
+    pb = encode_prompts(pipe, prompts)
+    spent = [0.0]
+
+    def timed_score(x0, idx, t):
+        s0 = time.perf_counter()
+        scores = score_fn(x0, idx, t)
+        spent[0] += time.perf_counter() - s0
+        return scores
+
+    def eps_fn(x, t, idx):
+        return cfg_eps(unet, x, t, pb, idx, p.guidance)
+
+    with torch.no_grad(), accelerator.autocast():
+        result = spo_sample(pipe.scheduler, eps_fn, timed_score, latents * pipe.scheduler.init_noise_sigma,
+                            num_steps=p.num_steps, num_candidates=p.num_candidates,
+                            divert_start_step=p.divert_start_step, inner_steps=p.inner_steps, threshold=p.threshold,
+                            eta=p.eta, generator=generators)
+    return result, pb, {"scoring_s": spent[0], "sampling_s": time.perf_counter() - started - spent[0]}
+
+
+def train_on_pairs(accelerator, unet, optimizer, params: list, scheduler, pairs: StepPairs, pb: PromptBatch,
+                   p: SPOPreset, generator: torch.Generator, ref_unet=None):
+    """Step 2: a fixed number of optimizer steps on minibatches drawn from the kept pairs.
+
+    The reference is the same UNet with its LoRA disabled, or `ref_unet` for a full fine-tune.
+    Returns the losses and the win/lose probability ratios (policy / reference) of every step.
+    """
+    losses, ratios_w, ratios_l = [], [], []
+    unet.train()
+    for _ in range(p.optimizer_steps_per_batch):
+        sel = torch.randint(len(pairs), (p.pairs_per_step,), generator=generator).to(pairs.timestep.device)
+        mini = StepPairs(*(getattr(pairs, f)[sel] for f in StepPairs.__dataclass_fields__))
+        with accelerator.accumulate(unet):
+            with accelerator.autocast():
+                logp_w, logp_l = pair_log_probs(unet, scheduler, mini, pb, p)
+                with torch.no_grad(), reference_model(accelerator.unwrap_model(unet), ref_unet is None,
+                                                      ref_unet) as ref:
+                    ref_w, ref_l = pair_log_probs(ref, scheduler, mini, pb, p)
+            loss = spo_loss(logp_w, ref_w, logp_l, ref_l, p.beta, p.clip_eps)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, p.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        ratios_w.append(torch.exp(logp_w - ref_w).detach().float())
+        ratios_l.append(torch.exp(logp_l - ref_l).detach().float())
+    return losses, ratios_w, ratios_l
+
+
 def _generators(seed: int, epoch: int, indices: list[int], salt: int) -> list[torch.Generator]:
     """One generator per prompt, from (seed, epoch, global prompt index): independent of world size and batching."""
     def mix(i: int) -> int:
@@ -219,7 +277,12 @@ def train_spo(
         ref_unet = copy.deepcopy(unet).requires_grad_(False).to(dtype=weight_dtype)
         unet.requires_grad_(True)
     else:
+        # Frozen base weights in half precision on GPU (as diffusers' LoRA scripts); the LoRA itself trains in fp32.
+        unet.to(dtype=weight_dtype)
         add_lora(unet, p)
+        for q in unet.parameters():
+            if q.requires_grad:
+                q.data = q.data.float()
     if p.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [q for q in unet.parameters() if q.requires_grad]  # a list: clipping must see them after the optimizer
@@ -274,33 +337,12 @@ def train_spo(
         chunk = order[in_epoch * global_batch:(in_epoch + 1) * global_batch]
         mine = chunk[rank::world]  # this process's prompts, by global index
         batch_prompts = [prompts[i] for i in mine]
-        timings = {}
 
         # 1. Sample with the current policy, scoring candidates along the way.
-        started = time.perf_counter()
-        unet.eval()
-        pb = encode_prompts(pipe, batch_prompts)
-        noise_gens = _generators(seed, epoch, mine, salt=0)
-        latents = torch.stack([torch.randn(latent_shape, generator=g) for g in noise_gens]).to(accelerator.device)
-        latents = latents * scheduler.init_noise_sigma
-        base_score = score_fn_for(batch_prompts)
-        score_time = [0.0]
-
-        def timed_score(x0, idx, t, _score=base_score, _spent=score_time):
-            s0 = time.perf_counter()
-            result = _score(x0, idx, t)
-            _spent[0] += time.perf_counter() - s0
-            return result
-
-        def eps_fn(x, t, idx, _pb=pb):
-            return cfg_eps(unet, x, t, _pb, idx, p.guidance)
-
-        result = spo_sample(scheduler, eps_fn, timed_score, latents, num_steps=p.num_steps,
-                            num_candidates=p.num_candidates, divert_start_step=p.divert_start_step,
-                            inner_steps=p.inner_steps, threshold=p.threshold, eta=p.eta,
-                            generator=_generators(seed, epoch, mine, salt=1))
-        timings["scoring_s"] = score_time[0]
-        timings["sampling_s"] = time.perf_counter() - started - score_time[0]
+        latents = torch.stack([torch.randn(latent_shape, generator=g) for g in _generators(seed, epoch, mine, 0)])
+        result, pb, timings = sample_step_pairs(accelerator, pipe, unet, p, score_fn_for(batch_prompts),
+                                                batch_prompts, latents.to(accelerator.device),
+                                                _generators(seed, epoch, mine, 1))
 
         # 2. A fixed number of optimizer steps on this batch's kept pairs (the previous batch's if none were kept).
         started = time.perf_counter()
@@ -308,27 +350,9 @@ def train_spo(
             state["last_pairs"] = (result.pairs, pb)
         losses, ratios_w, ratios_l = [], [], []
         if state["last_pairs"] is not None:
-            pairs, pairs_pb = state["last_pairs"]
-            unet.train()
-            g = _generators(seed, epoch, [b], salt=2)[0]
-            for _ in range(p.optimizer_steps_per_batch):
-                sel = torch.randint(len(pairs), (p.pairs_per_step,), generator=g).to(accelerator.device)
-                mini = StepPairs(*(getattr(pairs, f)[sel] for f in StepPairs.__dataclass_fields__))
-                with accelerator.accumulate(unet):
-                    with accelerator.autocast():
-                        logp_w, logp_l = pair_log_probs(unet, scheduler, mini, pairs_pb, p)
-                        with torch.no_grad(), reference_model(accelerator.unwrap_model(unet), not full_unet,
-                                                              ref_unet) as ref:
-                            ref_w, ref_l = pair_log_probs(ref, scheduler, mini, pairs_pb, p)
-                    loss = spo_loss(logp_w, ref_w, logp_l, ref_l, p.beta, p.clip_eps)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, p.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                ratios_w.append(torch.exp(logp_w - ref_w).detach().float())
-                ratios_l.append(torch.exp(logp_l - ref_l).detach().float())
+            losses, ratios_w, ratios_l = train_on_pairs(accelerator, unet, optimizer, params, scheduler,
+                                                        *state["last_pairs"], p, _generators(seed, epoch, [b], 2)[0],
+                                                        ref_unet)
         timings["training_s"] = time.perf_counter() - started
 
         rw = torch.cat(ratios_w) if ratios_w else torch.ones(1)
@@ -356,9 +380,9 @@ def train_spo(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_result(pipe, accelerator.unwrap_model(unet), out, full_unet, base, preset, p, seed)
+        keys = ("loss", "keep_rate", "ratio_win_mean", "ratio_lose_mean", "heldout_quality")
         if log_path.exists():
-            keys = ("loss", "keep_rate", "ratio_win_mean", "ratio_lose_mean", "heldout_quality")
-        save_curves(log_path, out / "spo_curves.png", keys=keys, smooth=5, step_key="batch")
+            save_curves(log_path, out / "spo_curves.png", keys=keys, smooth=5, step_key="batch")
     accelerator.end_training()
     return out
 

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One lent-GPU session, prepared to fit the device tool's limits (one command, <= 10 min, results under $OUT):
+#   1. >= 20k preference pairs from spo-tiny (mixed CFG scales) + held-out evaluation pairs,
+#   2. the tiny step-aware preference model and its no-time-conditioning ablation (side by side on the GPU),
+#   3. `spo eval spm` of both on fresh held-out pairs,
+#   4. benchmarks/spo_step.py and benchmarks/gpu_unet.py.
+# Each phase gets what is left of a deadline, so a slow phase cannot starve the rest; results.tgz is rewritten
+# after every phase so a cut-off run still returns what finished.
+#
+#   OUT=/tmp/out DEVICE=cpu N=64 NEVAL=16 SPM_STEPS=20 SKIP_BENCH=1 bash benchmarks/device_session.sh   # dry run
+set -u
+OUT=${OUT:-/tmp/device-out}
+DEVICE=${DEVICE:-cuda}
+N=${N:-20000}
+NEVAL=${NEVAL:-300}
+BATCH=${BATCH:-1000}
+SPM_STEPS=${SPM_STEPS:-4000}
+SPM_MINUTES=${SPM_MINUTES:-3.0}
+BUDGET=${BUDGET:-540}  # seconds for everything
+GUIDANCE=1,1.5,2,3,5,7.5
+mkdir -p "$OUT/logs" runs data
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+else
+  export PYTHONPATH=$PWD:${PYTHONPATH:-}
+fi
+DEADLINE=$(( $(date +%s) + BUDGET ))
+export OUT DEVICE N NEVAL BATCH SPM_STEPS SPM_MINUTES GUIDANCE
+spo() { python3 -c 'import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+pack() {
+  tar czf "$OUT/results.tgz" --exclude=checkpoints -C "$OUT" logs phases.txt $(cd "$OUT" && ls *.json 2>/dev/null) \
+    -C "$PWD" $(ls -d runs/spm-tiny runs/spm-tiny-notime data/spm-pairs/info.json data/spm-pairs/preview.png \
+                   data/spm-eval/info.json 2>/dev/null) 2>/dev/null
+}
+phase() {  # phase NAME MAX_SECONDS COMMAND...
+  local name=$1 max=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) )); local limit=$(( max < left ? max : left ))
+  if [ "$limit" -le 5 ]; then echo "$name skipped: out of time" | tee -a "$OUT/phases.txt"; return; fi
+  local start; start=$(date +%s)
+  timeout "$limit" bash -c '"$@"' _ "$@" > "$OUT/logs/$name.log" 2>&1  # bash -c: phases may be functions
+  echo "$name rc=$? $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$OUT/phases.txt"
+  pack
+}
+{ nvidia-smi; python3 -c 'import torch, diffusers, onnxruntime as o; print(torch.__version__, diffusers.__version__,
+  o.__version__, o.get_available_providers())'; } > "$OUT/logs/env.log" 2>&1
+
+both_data() {
+  spo data pairs --model models/spo-tiny --n "$NEVAL" --split heldout --seed 1 --guidance $GUIDANCE \
+      --batch "$BATCH" --device "$DEVICE" --out data/spm-eval > "$OUT/logs/data-eval.log" 2>&1 &
+  spo data pairs --model models/spo-tiny --n "$N" --guidance $GUIDANCE --batch "$BATCH" --device "$DEVICE" \
+      --out data/spm-pairs
+  local rc=$?; wait; return $rc
+}
+export -f spo both_data
+phase data 150 both_data
+
+both_spm() {
+  spo train spm --preset tiny --data data/spm-pairs --eval-data data/spm-eval --out runs/spm-tiny-notime \
+      --no-time-conditioning --steps "$SPM_STEPS" --max-minutes "$SPM_MINUTES" > "$OUT/logs/spm-notime.log" 2>&1 &
+  spo train spm --preset tiny --data data/spm-pairs --eval-data data/spm-eval --out runs/spm-tiny \
+      --steps "$SPM_STEPS" --max-minutes "$SPM_MINUTES"
+  local rc=$?; wait; return $rc
+}
+export -f both_spm
+phase spm 260 both_spm
+phase eval-spm 90 spo eval spm --model runs/spm-tiny --ablation runs/spm-tiny-notime --pairs 500 \
+    --guidance $GUIDANCE --device "$DEVICE" --json "$OUT/spm_eval.json"
+if [ -z "${SKIP_BENCH:-}" ]; then
+  phase spo-step 80 python3 benchmarks/spo_step.py --iters 3 --out "$OUT/spo_step.json"
+  phase gpu-unet 170 python3 benchmarks/gpu_unet.py --iters 30 --out "$OUT/gpu_unet.json"
+fi
+pack
+cat "$OUT/phases.txt"
