@@ -424,7 +424,9 @@ async def metrics_endpoint(request: Request) -> Response:
             metrics.WORKERS_ALIVE.labels(name).set(sum(b["age_s"] <= service.settings.worker_stale_s for b in beats))
             for beat in beats:
                 metrics.HEARTBEAT_AGE.labels(name, beat["consumer"]).set(round(beat["age_s"], 3))
+        metrics.redis_up().set(1)
     except RedisError as err:
+        metrics.redis_up().set(0)
         log.debug("metrics: Redis unavailable (%s); exporting process metrics only", err)
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

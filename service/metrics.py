@@ -19,6 +19,7 @@ spo_device_memory_bytes                gauge      model, device               wo
 spo_queue_depth                        gauge      model                       API, at scrape time
 spo_workers_alive                      gauge      model                       API, at scrape time
 spo_worker_heartbeat_age_seconds       gauge      model, worker               API, at scrape time
+spo_redis_up                           gauge      (none)                      API, at scrape time (1 ok, 0 down)
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ WORKERS_ALIVE = Gauge("spo_workers_alive", "Workers whose heartbeat is fresh.", 
                       multiprocess_mode="mostrecent")
 HEARTBEAT_AGE = Gauge("spo_worker_heartbeat_age_seconds", "Seconds since each worker's last heartbeat.",
                       ["model", "worker"], multiprocess_mode="mostrecent")
+_redis_up: Gauge | None = None
+
+
+def redis_up() -> Gauge:
+    """spo_redis_up: without it a Redis outage is invisible (the queue gauges keep their last values). Created on
+    first use, by the API's /metrics, so that workers do not export its default 0, which would read as an outage."""
+    global _redis_up
+    if _redis_up is None:
+        _redis_up = Gauge("spo_redis_up", "1 when the API reached Redis at the last scrape, else 0.",
+                          multiprocess_mode="mostrecent")
+    return _redis_up
 
 
 def render() -> tuple[bytes, str]:

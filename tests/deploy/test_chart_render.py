@@ -1,0 +1,262 @@
+"""The Helm chart rendered (tests/deploy/gotemplate.py stands in for `helm template`, which cannot be installed
+here) with each values file: valid YAML objects that fit together (selectors, ports, volumes, names), the contracts
+of DESIGN.md "Kubernetes" (GPU workers, probes that wait for the model, drain time, engine cache, Redis bundled or
+from a Secret, API keys from a Secret, ServiceMonitor, dashboard ConfigMap, PrometheusRule, KEDA, PDBs), and the
+names the service and the monitoring files expect (stream keys, scrape job names, SPO_* settings)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+from chart_values import VALUES_FILES, load_values, merged
+from conftest import CHART, DASHBOARD, DEPLOY, RULES
+from gotemplate import Chart, TemplateError
+
+from service.config import Settings
+from service.queue import Keys
+
+RELEASE, NAMESPACE = "spo-diffusion", "spo"
+KNOWN_ENV = {f"SPO_{name.upper()}" for name in Settings.model_fields} | {"SPO_LOG_LEVEL", "SPO_ENGINE_CACHE"}
+
+
+def render(values: dict) -> list[dict]:
+    return Chart(CHART, values, release=RELEASE, namespace=NAMESPACE).manifests()
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def component(docs: list[dict], kind: str, name: str) -> list[dict]:
+    return [d for d in of_kind(docs, kind) if d["metadata"]["labels"].get("app.kubernetes.io/component") == name]
+
+
+@pytest.fixture(params=VALUES_FILES, ids=lambda p: p.name)
+def case(request) -> tuple[dict, list[dict]]:
+    values = merged(load_values(request.param))
+    return values, render(values)
+
+
+def test_objects_are_well_formed(case):
+    _, docs = case
+    seen = set()
+    for doc in docs:
+        meta = doc["metadata"]
+        assert doc["apiVersion"] and doc["kind"] and meta["name"], doc
+        assert len(meta["name"]) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", meta["name"]), meta
+        assert meta.get("namespace") in (NAMESPACE, "monitoring"), meta
+        key = (doc["kind"], meta["name"])
+        assert key not in seen, f"duplicate {key}"
+        seen.add(key)
+        for k, v in meta.get("labels", {}).items():
+            assert isinstance(v, str) and len(v) <= 63, (k, v)
+
+
+def test_workloads_fit_together(case):
+    """Selectors match pod labels, probes and Services name real ports, mounts name real volumes, claims and
+    ConfigMaps exist, env names are settings the service reads."""
+    _, docs = case
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    workloads = of_kind(docs, "Deployment") + of_kind(docs, "Job")
+    for workload in workloads:
+        pod = workload["spec"]["template"]
+        if workload["kind"] == "Deployment":
+            selector = workload["spec"]["selector"]["matchLabels"]
+            assert selector.items() <= pod["metadata"]["labels"].items(), workload["metadata"]["name"]
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        for container in pod["spec"]["containers"]:
+            ports = {p["name"] for p in container.get("ports", [])}
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                port = container.get(probe, {}).get("httpGet", {}).get("port")
+                assert port is None or port in ports, (container["name"], probe, port)
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, (container["name"], mount)
+            for env in container.get("env", []):
+                if env["name"].startswith("SPO_"):
+                    assert env["name"] in KNOWN_ENV, env
+        for volume in volumes.values():
+            if "persistentVolumeClaim" in volume and not volume["persistentVolumeClaim"]["claimName"].startswith(
+                    "existing"):
+                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names, volume
+            if "configMap" in volume:
+                assert ("ConfigMap", volume["configMap"]["name"]) in names, volume
+    for service in of_kind(docs, "Service"):
+        pods = [w["spec"]["template"] for w in of_kind(docs, "Deployment")
+                if service["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert pods, f"Service {service['metadata']['name']} selects no pod"
+        for port in service["spec"]["ports"]:
+            for pod in pods:
+                assert port["targetPort"] in {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    for pdb in of_kind(docs, "PodDisruptionBudget"):
+        selector = pdb["spec"]["selector"]["matchLabels"]
+        assert any(selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+                   for w in of_kind(docs, "Deployment")), pdb["metadata"]["name"]
+
+
+def test_workers_per_model_on_gpus(case):
+    values, docs = case
+    workers = component(docs, "Deployment", "worker")
+    assert len(workers) == len(values["models"])
+    for model, worker in zip(values["models"], workers, strict=True):
+        pod = worker["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert container["args"][:3] == ["worker", "--model", model["name"]]
+        assert "--metrics-port" in container["args"]
+        gpu = model.get("gpu", values["worker"]["gpu"])
+        limits = container["resources"].get("limits", {})
+        assert limits.get("nvidia.com/gpu", 0) == gpu
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["SPO_MODELS"] == model["name"] and env["SPO_ENGINE_CACHE"] == "/cache/engines"
+        assert int(env["SPO_MAX_BATCH"]) == model.get("maxBatch", values["worker"]["maxBatch"])
+        # Probes wait for the metrics port, which opens after model load, warm-up and engine build.
+        startup = container["startupProbe"]
+        assert startup["httpGet"]["port"] == "metrics"
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600 or gpu == 0
+        assert container["readinessProbe"]["httpGet"]["port"] == "metrics"
+        # A drain finishes the claimed batch: the grace period must not cut it short.
+        assert pod["terminationGracePeriodSeconds"] == values["worker"]["terminationGracePeriodSeconds"] >= 30
+        cache = next(v for v in pod["volumes"] if v["name"] == "cache")
+        persistent = values["worker"]["engineCache"]["persistence"]["enabled"]
+        assert ("persistentVolumeClaim" in cache) == persistent
+        assert {"name": "cache", "mountPath": "/cache"} in container["volumeMounts"]
+        if "replicas" in worker["spec"]:
+            assert worker["spec"]["replicas"] == model.get("replicas", 1)
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_api(case):
+    values, docs = case
+    (api,) = component(docs, "Deployment", "api")
+    pod = api["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SPO_MODELS"]["value"] == ",".join(m["name"] for m in values["models"])
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {}), "the API runs on CPU nodes"
+    keys = values["auth"]["existingSecret"]
+    if keys:
+        assert env["SPO_API_KEYS_FILE"]["value"] == f"/etc/spo-keys/{values['auth']['keysKey']}"
+        secret = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+        assert secret["secret"]["secretName"] == keys
+    else:
+        assert "SPO_API_KEYS_FILE" not in env
+    assert pod["terminationGracePeriodSeconds"] >= values["config"]["syncTimeoutS"]
+
+
+def test_redis_bundled_or_external(case):
+    values, docs = case
+    redis_url = [e for w in of_kind(docs, "Deployment") for c in w["spec"]["template"]["spec"]["containers"]
+                 for e in c.get("env", []) if e["name"] == "SPO_REDIS_URL"]
+    assert len(redis_url) == 1 + len(values["models"])
+    if values["redis"]["bundled"]["enabled"]:
+        assert component(docs, "Deployment", "redis") and component(docs, "Service", "redis")
+        host = component(docs, "Service", "redis")[0]["metadata"]["name"]
+        assert all(e["value"] == f"redis://{host}:6379/0" for e in redis_url)
+    else:
+        assert not component(docs, "Deployment", "redis")
+        ref = {"name": values["redis"]["external"]["existingSecret"], "key": values["redis"]["external"]["urlKey"]}
+        assert all(e["valueFrom"]["secretKeyRef"] == ref for e in redis_url)
+
+
+def test_monitoring_objects(case):
+    values, docs = case
+    monitors = of_kind(docs, "ServiceMonitor")
+    assert bool(monitors) == values["metrics"]["serviceMonitor"]["enabled"]
+    scrape_jobs = {j["job_name"] for j in yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+                   ["scrape_configs"]}
+    for monitor in monitors:
+        label = monitor["spec"]["jobLabel"]
+        services = [s for s in of_kind(docs, "Service") if label in s["metadata"]["labels"]]
+        assert {s["metadata"]["labels"][label] for s in services} == scrape_jobs, "job names the alerts use"
+        ports = {p["name"] for s in services for p in s["spec"]["ports"]}
+        assert {e["port"] for e in monitor["spec"]["endpoints"]} == ports
+    rules = of_kind(docs, "PrometheusRule")
+    assert bool(rules) == values["metrics"]["prometheusRule"]["enabled"]
+    for rule in rules:
+        assert rule["spec"]["groups"] == yaml.safe_load(RULES[0].read_text())["groups"]
+    dashboards = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert bool(dashboards) == values["metrics"]["dashboard"]["enabled"]
+    for cm in dashboards:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert json.loads(cm["data"]["spo-diffusion.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_autoscaling_targets_the_real_queue(case):
+    """KEDA's Redis triggers name the streams service/queue.py writes (one per priority)."""
+    values, docs = case
+    keda = values["worker"]["autoscaling"]["keda"]
+    scaled = of_kind(docs, "ScaledObject")
+    assert len(scaled) == (len(values["models"]) if keda["enabled"] else 0)
+    workers = {w["metadata"]["name"] for w in component(docs, "Deployment", "worker")}
+    for model, obj in zip(values["models"] if keda["enabled"] else [], scaled, strict=True):
+        assert obj["spec"]["scaleTargetRef"]["name"] in workers
+        streams = [t["metadata"]["stream"] for t in obj["spec"]["triggers"] if t["type"] == "redis-streams"]
+        assert streams == Keys(values["redis"]["keyPrefix"]).streams(model["name"])
+        for trigger in obj["spec"]["triggers"]:
+            assert re.fullmatch(r"[^:/\s]+:\d+", trigger["metadata"]["address"])
+            if "authenticationRef" in trigger:
+                assert ("TriggerAuthentication", trigger["authenticationRef"]["name"]) in {
+                    (d["kind"], d["metadata"]["name"]) for d in docs}
+        # Scaled workers leave replicas to KEDA.
+        assert all("replicas" not in w["spec"] for w in component(docs, "Deployment", "worker"))
+
+
+def test_engine_build_jobs(case):
+    values, docs = case
+    jobs = of_kind(docs, "Job")
+    build = values["engineBuild"]
+    if not build["enabled"]:
+        assert not jobs
+        return
+    expected = sum(len(g.get("models") or build["models"] or values["models"]) for g in build["gpuTypes"])
+    assert len(jobs) == expected
+    workers = component(docs, "Deployment", "worker")
+    worker_cache = workers[0]["spec"]["template"]["spec"]["volumes"]
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        assert args[0] == "export" and "tensorrt" in args and "/cache/engines" in args
+        assert next(v for v in pod["volumes"] if v["name"] == "cache") == next(
+            v for v in worker_cache if v["name"] == "cache"), "engines land in the volume the workers read"
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["nodeSelector"], "pinned to its GPU type"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"redis": {"bundled": {"enabled": False}}}, "redis.external.existingSecret is required"),
+    ({"worker": {"autoscaling": {"keda": {"enabled": True}, "hpa": {"enabled": True}}}}, "not both"),
+    ({"redis": {"bundled": {"enabled": False}, "external": {"existingSecret": "r"}},
+      "worker": {"autoscaling": {"keda": {"enabled": True}}}}, "redis.external.address"),
+    ({"engineBuild": {"enabled": True, "gpuTypes": [{"name": "a100"}]},
+      "worker": {"engineCache": {"persistence": {"enabled": False}}}}, "engines must outlive the Job"),
+])
+def test_misconfigurations_fail_with_a_message(overrides, message):
+    with pytest.raises(TemplateError, match=re.escape(message)):
+        render(merged(overrides))
+
+
+def test_options_render():
+    """Options off by default render valid objects too: inline manifest, HPA instead of KEDA, Prometheus-sourced
+    KEDA, persistence for the bundled Redis, API autoscaling, CPU-only workers."""
+    values = merged({"manifest": {"inline": "models: []\n"}, "api": {"autoscaling": {"enabled": True}},
+                     "redis": {"bundled": {"persistence": {"enabled": True}}},
+                     "worker": {"gpu": 0, "autoscaling": {"hpa": {"enabled": True}}},
+                     "models": [{"name": "a", "gpu": 1}, {"name": "b"}]})
+    docs = render(values)
+    hpas = of_kind(docs, "HorizontalPodAutoscaler")
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas} == {
+        d["metadata"]["name"] for d in of_kind(docs, "Deployment") if d["metadata"]["name"].rsplit("-", 1)[-1]
+        in ("api", "a", "b")}
+    worker_limits = [w["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+                     for w in component(docs, "Deployment", "worker")]
+    assert [lim.get("nvidia.com/gpu") for lim in worker_limits] == [1, None]
+    assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"].endswith("-redis") for d in docs)
+    manifest = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-manifest"))
+    assert manifest["data"]["models.yaml"] == "models: []\n"
+    prom = render(merged({"worker": {"autoscaling": {"keda": {"enabled": True, "source": "prometheus"}}}}))
+    (scaled,) = of_kind(prom, "ScaledObject")
+    assert scaled["spec"]["triggers"][0]["metadata"]["query"] == \
+        f'max(spo_queue_depth{{namespace="{NAMESPACE}", model="spo-sdxl"}})'
