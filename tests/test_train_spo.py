@@ -77,3 +77,26 @@ def test_cli_train_spo_and_eval_compare(smoke_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "spo", "--preset", "smoke", "--model", str(smoke_model), "--out", str(out)])
     assert "--spm" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_runs_an_epoch_of_the_tiny_preset(tiny_model, tmp_path):
+    """`accelerate launch --num_processes 2` on CPU (gloo): one epoch of the tiny preset (80 prompts / (8 x 2) = 5
+    batches), both processes sample their half, gradients are averaged, and the main process writes the LoRA."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train_spo", "--preset", "tiny",
+           "--model", str(tiny_model), "--scorer", "rater", "--out", str(out), "--max-batches", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, timeout=1800, cwd=Path(__file__).resolve().parents[1])
+    records = [json.loads(x) for x in (out / "spo_log.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in records] == [0, 1, 2, 3, 4] and {r["epoch"] for r in records} == {0}
+    assert all(r["pairs"] > 0 for r in records)
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["processes"] == 2 and info["batches"] == 5
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "manifest_entry.yaml").is_file()

@@ -139,8 +139,38 @@ def _cmd_train_spo(args, parser) -> int:
         parser.error("argument --spm: a step-aware preference model folder is required with --scorer spm")
     out = train_spo(args.preset, Path(args.model), Path(args.out), spm=Path(args.spm) if args.spm else None,
                     scorer=args.scorer, seed=args.seed, full_unet=args.full_unet, resume=args.resume,
-                    max_batches=args.max_batches)
+                    max_batches=args.max_batches, max_minutes=args.max_minutes)
     print(f"saved the SPO fine-tune and its manifest entry to {out}")
+    return 0
+
+
+def _cmd_train_dpo(args, parser) -> int:
+    from .train_dpo import PRESETS, train_dpo
+
+    if args.preset not in PRESETS:
+        parser.error(f"argument --preset: choose from {sorted(PRESETS)}")
+    if not Path(args.data).is_dir():
+        parser.error(f"argument --data: no folder at {args.data!r}")
+    if not (Path(args.model) / "model_index.json").is_file():
+        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r} (model_index.json missing)")
+    if not args.resume and any((Path(args.out) / "checkpoints").glob("step-*/trainer_state.json")):
+        parser.error(f"argument --out: {args.out!r} holds checkpoints of an earlier run; continue it with --resume "
+                     f"or choose another folder")
+    batch = args.batch_size or PRESETS[args.preset].batch_size
+    if args.micro_batch is not None and args.micro_batch > batch:
+        parser.error(f"argument --micro-batch: {args.micro_batch} is larger than the batch size {batch}")
+    if args.caption_dropout is not None and not 0.0 <= args.caption_dropout <= 1.0:
+        parser.error(f"argument --caption-dropout: must be in [0, 1], got {args.caption_dropout}")
+    overrides = {k: v for k, v in (("steps", args.steps), ("beta", args.beta), ("lr", args.lr),
+                                   ("batch_size", args.batch_size), ("micro_batch", args.micro_batch),
+                                   ("eval_every", args.eval_every), ("save_every", args.save_every),
+                                   ("caption_dropout", args.caption_dropout)) if v is not None}
+    out = train_dpo(args.preset, args.data, args.model, args.out, seed=args.seed, resume=args.resume,
+                    max_minutes=args.max_minutes, stop_after=args.stop_after, overrides=overrides)
+    if (out / "pytorch_lora_weights.safetensors").is_file():
+        print(f"saved the Diffusion-DPO LoRA and its manifest entry to {out}")
+    else:
+        print(f"stopped with a checkpoint in {out / 'checkpoints'}: continue with --resume")
     return 0
 
 
@@ -232,7 +262,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--full-unet", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--max-batches", type=positive_int, default=None, help="stop after N prompt batches")
+    p.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="wall-clock budget: stop there and save the LoRA trained so far")
     p.set_defaults(func=_cmd_train_spo, _parser=p)
+
+    p = train.add_parser("dpo", help="Diffusion-DPO baseline: a LoRA trained on final-image pairs (also under "
+                                     "`accelerate launch`)")
+    p.add_argument("--preset", default="tiny", help="tiny | tiny-xl | sd15 | sdxl | smoke")
+    p.add_argument("--data", required=True, help="folder of Pick-a-Pic-format pairs (*.parquet or *.jsonl)")
+    p.add_argument("--model", default="models/spo-tiny", help="base diffusers pipeline folder")
+    p.add_argument("--out", default="runs/spo-tiny-dpo")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    p.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="wall-clock budget of the training steps: stop there and save the LoRA trained so far")
+    p.add_argument("--steps", type=positive_int, default=None, help="override the preset's optimizer steps")
+    p.add_argument("--stop-after", type=positive_int, default=None, help="stop (with a checkpoint) after N steps")
+    p.add_argument("--beta", type=_positive_float, default=None, help="override beta_dpo (reference 5000)")
+    p.add_argument("--lr", type=_positive_float, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="override: pairs per step, all processes")
+    p.add_argument("--micro-batch", type=positive_int, default=None, help="override: pairs per process per pass")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (0: never)")
+    p.add_argument("--save-every", type=positive_int, default=None, help="steps between checkpoints")
+    p.add_argument("--caption-dropout", type=float, default=None,
+                   help="override: share of pairs trained with the empty caption (reference 0.2; 0: conditional only)")
+    p.set_defaults(func=_cmd_train_dpo, _parser=p)
 
     ev = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="eval_command", required=True)
     p = ev.add_parser("compare", help="the same held-out prompts x seeds through several models: rater parts, "

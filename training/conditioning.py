@@ -57,8 +57,9 @@ def cfg_eps(unet, x: torch.Tensor, t: torch.Tensor, batch: PromptBatch, index: t
             guidance: float) -> torch.Tensor:
     """Noise prediction with classifier-free guidance, in one UNet call of twice the batch."""
     emb, added = batch.select(index)
-    x_in = torch.cat([x, x]).to(unet.dtype)
+    dtype = next(unet.parameters()).dtype  # not `unet.dtype`: a DDP-wrapped UNet (several processes) has none
+    x_in = torch.cat([x, x]).to(dtype)
     t_in = torch.cat([t, t]) if t.ndim else t
-    out = unet(x_in, t_in, encoder_hidden_states=emb.to(unet.dtype), added_cond_kwargs=added or None).sample
+    out = unet(x_in, t_in, encoder_hidden_states=emb.to(dtype), added_cond_kwargs=added or None).sample
     uncond, cond = out.float().chunk(2)
     return uncond + guidance * (cond - uncond)

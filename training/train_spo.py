@@ -244,6 +244,7 @@ def train_spo(
     full_unet: bool = False,
     resume: bool = False,
     max_batches: int | None = None,
+    max_minutes: float | None = None,
 ) -> Path:
     """Fine-tune `base` with SPO; writes a diffusers LoRA (or UNet folder) and a served-model manifest entry."""
     from accelerate import Accelerator
@@ -330,7 +331,11 @@ def train_spo(
     bar = tqdm(total=total_batches, initial=state["batch"], desc="spo", dynamic_ncols=True,
                disable=not accelerator.is_main_process)
     latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    started_at, eval_seconds = time.time(), 0.0
     while state["batch"] < total_batches:
+        if max_minutes is not None and time.time() - started_at - eval_seconds > 60 * max_minutes:
+            tqdm.write(f"time budget of {max_minutes} min reached after {state['batch']} batches")
+            break  # a wall-clock budget (equal-compute comparisons): the LoRA so far is the result
         b = state["batch"]
         epoch, in_epoch = divmod(b, batches_per_epoch)
         order = _prompt_order(len(prompts), seed, epoch)
@@ -364,7 +369,9 @@ def train_spo(
         state["batch"] += 1
         if p.eval_every and (state["batch"] % p.eval_every == 0 or state["batch"] == total_batches):
             unet.eval()
+            eval_started = time.time()
             record.update({f"heldout_{k}": v for k, v in heldout_rating(pipe).items()})
+            eval_seconds += time.time() - eval_started  # not training compute: outside the time budget
         log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", keep=f"{result.keep_rate:.2f}",
                         ratio=f"{record['ratio_win_mean']:.3f}/{record['ratio_lose_mean']:.3f}")
@@ -379,7 +386,13 @@ def train_spo(
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_result(pipe, accelerator.unwrap_model(unet), out, full_unet, base, preset, p, seed)
+        save_result(pipe, accelerator.unwrap_model(unet), out, full_unet, base, p.kind,
+                    {"method": "spo", "preset": preset, "seed": seed, **asdict(p)})
+        (out / "train_info.json").write_text(json.dumps(
+            {"batches": state["batch"], "planned_batches": total_batches, "processes": world,
+             "seconds": round(time.time() - started_at - eval_seconds, 1),
+             "wall_seconds": round(time.time() - started_at, 1), "max_minutes": max_minutes,
+             "stopped_by_time_budget": state["batch"] < total_batches}, indent=2) + "\n")
         keys = ("loss", "keep_rate", "ratio_win_mean", "ratio_lose_mean", "heldout_quality")
         if log_path.exists():
             save_curves(log_path, out / "spo_curves.png", keys=keys, smooth=5, step_key="batch")
@@ -387,20 +400,30 @@ def train_spo(
     return out
 
 
-def save_result(pipe, unet, out: Path, full_unet: bool, base: Path, preset: str, p: SPOPreset, seed: int) -> None:
-    """A diffusers-format LoRA (or a UNet folder) and the served-model manifest entry that serves it."""
+def save_result(pipe, unet, out: Path, full_unet: bool, base: Path, kind: str, config: dict,
+                config_name: str = "spo_config.json") -> None:
+    """A diffusers-format LoRA (or a UNet folder), the served-model manifest entry that serves it, and the run's
+    config. Shared by the SPO and Diffusion-DPO trainers so that both produce the same, servable outputs."""
+    import yaml
+
     name = out.name
     if full_unet:
         unet.save_pretrained(out / "unet")
-        entry = {"name": name, "kind": p.kind, "base": str(base), "unet": str(out / "unet")}
+        entry = {"name": name, "kind": kind, "base": str(base), "unet": str(out / "unet")}
     else:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         type(pipe).save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
-        entry = {"name": name, "kind": p.kind, "base": str(base), "lora": str(out), "lora_scale": 1.0}
-    (out / "spo_config.json").write_text(json.dumps({"preset": preset, "seed": seed, **asdict(p)}, indent=2))
-    import yaml
-
+        entry = {"name": name, "kind": kind, "base": str(base), "lora": str(out), "lora_scale": 1.0}
+    (out / config_name).write_text(json.dumps(config, indent=2) + "\n")
     (out / "manifest_entry.yaml").write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
+
+
+if __name__ == "__main__":  # `accelerate launch -m training.train_spo --preset tiny --spm ... --out ...`
+    import sys
+
+    from service.cli import main as spo_main
+
+    sys.exit(spo_main(["train", "spo", *sys.argv[1:]]))
