@@ -59,10 +59,7 @@ def main() -> None:
     pipe.to(accelerator.device, dtype)
     spm = spm.to(accelerator.device, dtype).eval()
     unet = pipe.unet
-    add_lora(unet, p)
-    params = [q for q in unet.parameters() if q.requires_grad]
-    for q in params:
-        q.data = q.data.float()
+    params = add_lora(unet, p, dtype)
     optimizer = torch.optim.AdamW(params, lr=p.lr)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     prompts = ["a red circle on a blue background", "a green square on a white background"] * args.prompts

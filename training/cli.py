@@ -84,15 +84,20 @@ def _cmd_data_pairs(args, parser) -> int:
     return 0
 
 
-def _cmd_train_spm(args, parser) -> int:
-    from .train_spm import PRESETS, train_spm
-
-    if args.preset not in PRESETS:
-        parser.error(f"argument --preset: choose from {sorted(PRESETS)}")
+def _check_preset_data_model(args, parser, presets: dict) -> None:
+    """The flags every preference trainer shares: --preset, --data (a folder of pairs), --model (a pipeline)."""
+    if args.preset not in presets:
+        parser.error(f"argument --preset: choose from {sorted(presets)}")
     if not Path(args.data).is_dir():
         parser.error(f"argument --data: no folder at {args.data!r}")
     if not (Path(args.model) / "model_index.json").is_file():
         parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r} (model_index.json missing)")
+
+
+def _cmd_train_spm(args, parser) -> int:
+    from .train_spm import PRESETS, train_spm
+
+    _check_preset_data_model(args, parser, PRESETS)
     if args.init is not None and not (Path(args.init) / "config.json").is_file():
         parser.error(f"argument --init: no CLIP / PickScore checkpoint folder at {args.init!r} (config.json missing)")
     if args.eval_data is not None and not Path(args.eval_data).is_dir():
@@ -147,12 +152,7 @@ def _cmd_train_spo(args, parser) -> int:
 def _cmd_train_dpo(args, parser) -> int:
     from .train_dpo import PRESETS, train_dpo
 
-    if args.preset not in PRESETS:
-        parser.error(f"argument --preset: choose from {sorted(PRESETS)}")
-    if not Path(args.data).is_dir():
-        parser.error(f"argument --data: no folder at {args.data!r}")
-    if not (Path(args.model) / "model_index.json").is_file():
-        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r} (model_index.json missing)")
+    _check_preset_data_model(args, parser, PRESETS)
     if not args.resume and any((Path(args.out) / "checkpoints").glob("step-*/trainer_state.json")):
         parser.error(f"argument --out: {args.out!r} holds checkpoints of an earlier run; continue it with --resume "
                      f"or choose another folder")

@@ -268,17 +268,13 @@ def train_dpo(preset: str, data: Path | str, base: Path | str, out: Path | str, 
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
-    for name in ("unet", "text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).to(dtype=weight_dtype)
     unet = pipe.unet
-    add_lora(unet, p)
-    for q in unet.parameters():
-        if q.requires_grad:
-            q.data = q.data.float()
+    params = add_lora(unet, p, weight_dtype)
     if p.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    params = [q for q in unet.parameters() if q.requires_grad]  # a list: clipping must see them after the optimizer
     optimizer = torch.optim.AdamW(params, lr=p.lr, betas=p.adam_betas, weight_decay=p.weight_decay, eps=p.adam_eps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     _register_lora_state_hooks(accelerator)

@@ -121,12 +121,19 @@ def pair_log_probs(unet, scheduler, pairs: StepPairs, batch: PromptBatch, p: SPO
     return logp.chunk(2)
 
 
-def add_lora(unet, p: SPOPreset) -> None:
+def add_lora(unet, p: SPOPreset, weight_dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    """Freeze the UNet (in `weight_dtype`: half precision on GPU, as diffusers' LoRA scripts) and add a LoRA that
+    trains in fp32; returns the trainable parameters as a list (clipping must see them after the optimizer)."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
+    unet.to(dtype=weight_dtype)
     unet.add_adapter(LoraConfig(r=p.lora_rank, lora_alpha=p.lora_rank, init_lora_weights="gaussian",
                                 target_modules=list(p.lora_targets)))
+    params = [q for q in unet.parameters() if q.requires_grad]
+    for q in params:
+        q.data = q.data.float()
+    return params
 
 
 class reference_model:  # noqa: N801 - used as a context manager, reads like a phrase
@@ -278,12 +285,7 @@ def train_spo(
         ref_unet = copy.deepcopy(unet).requires_grad_(False).to(dtype=weight_dtype)
         unet.requires_grad_(True)
     else:
-        # Frozen base weights in half precision on GPU (as diffusers' LoRA scripts); the LoRA itself trains in fp32.
-        unet.to(dtype=weight_dtype)
-        add_lora(unet, p)
-        for q in unet.parameters():
-            if q.requires_grad:
-                q.data = q.data.float()
+        add_lora(unet, p, weight_dtype)
     if p.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [q for q in unet.parameters() if q.requires_grad]  # a list: clipping must see them after the optimizer
