@@ -144,7 +144,8 @@ def _cmd_train_spo(args, parser) -> int:
         parser.error("argument --spm: a step-aware preference model folder is required with --scorer spm")
     out = train_spo(args.preset, Path(args.model), Path(args.out), spm=Path(args.spm) if args.spm else None,
                     scorer=args.scorer, seed=args.seed, full_unet=args.full_unet, resume=args.resume,
-                    max_batches=args.max_batches, max_minutes=args.max_minutes)
+                    max_batches=args.max_batches, max_minutes=args.max_minutes,
+                    overrides={"lr": args.lr} if args.lr is not None else None)
     print(f"saved the SPO fine-tune and its manifest entry to {out}")
     return 0
 
@@ -264,6 +265,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=positive_int, default=None, help="stop after N prompt batches")
     p.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="wall-clock budget: stop there and save the LoRA trained so far")
+    p.add_argument("--lr", type=_positive_float, default=None, help="override the preset's learning rate")
     p.set_defaults(func=_cmd_train_spo, _parser=p)
 
     p = train.add_parser("dpo", help="Diffusion-DPO baseline: a LoRA trained on final-image pairs (also under "

@@ -252,6 +252,7 @@ def train_spo(
     resume: bool = False,
     max_batches: int | None = None,
     max_minutes: float | None = None,
+    overrides: dict | None = None,
 ) -> Path:
     """Fine-tune `base` with SPO; writes a diffusers LoRA (or UNet folder) and a served-model manifest entry."""
     from accelerate import Accelerator
@@ -263,7 +264,7 @@ def train_spo(
 
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    p = PRESETS[preset]
+    p = replace(PRESETS[preset], **(overrides or {}))
     out = Path(out)
     ckpt_dir = out / "checkpoint"
     cpu = not torch.cuda.is_available()
