@@ -52,7 +52,12 @@ def vit_h14_config() -> CLIPConfig:
 
 
 def tiny_clip_config(tokenizer: CLIPTokenizer) -> CLIPConfig:
-    """A CLIP for the 64x64 shapes world: 8x8 patches, 4 vision layers, 2 text layers, width 64 (~0.4M params)."""
+    """A CLIP for the 64x64 shapes world: 8x8 patches, 4 vision layers, 2 text layers, width 64 (~0.4M params).
+
+    The logit scale starts at 100, the trained value of CLIP / PickScore ("about 100 x cosine", SPO.md §1), not at
+    CLIP's from-scratch 1/0.07: with 14 x cosine a fresh tower's near-equal scores give the pairwise loss a weak
+    signal, and it learns clear preferences about twice as slowly (tests/test_spm_learning.py).
+    """
     return CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
@@ -60,7 +65,7 @@ def tiny_clip_config(tokenizer: CLIPTokenizer) -> CLIPConfig:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                            image_size=64, patch_size=8, hidden_act="quick_gelu"),
-        projection_dim=64,
+        projection_dim=64, logit_scale_init_value=math.log(100.0),
     )
 
 
