@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 
 import yaml
-from conftest import CHART
+from deploy_paths import CHART
 
 VALUES_FILES = [CHART / "values.yaml", *sorted((CHART / "ci").glob("*.yaml"))]
 

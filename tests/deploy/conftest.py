@@ -13,10 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "service"))  # the service tests' harness (free_port, settings helpers)
-DEPLOY = ROOT / "deploy"
-CHART = ROOT / "k8s" / "spo-diffusion"
-RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
-DASHBOARD = DEPLOY / "grafana" / "dashboards" / "spo-diffusion.json"
+sys.path.insert(0, str(ROOT / "tests" / "deploy"))  # deploy_paths
 # Where .ci/run installs checkov: its own venv, because its pins (networkx<2.7, packaging<24, ...) would downgrade
 # packages torch and transformers use if it shared the project's.
 CHECKOV_VENV = Path(os.environ.get("SPO_TOOLS_DIR", Path.home() / ".cache" / "spo-diffusion")) / "checkov-venv"

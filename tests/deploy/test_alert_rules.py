@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import CHART, DASHBOARD, DEPLOY, RULES
+from deploy_paths import CHART, DASHBOARD, DEPLOY, RULES
 
 
 def run(cmd: list[str]) -> str:

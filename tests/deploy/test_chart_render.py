@@ -12,7 +12,7 @@ import re
 import pytest
 import yaml
 from chart_values import VALUES_FILES, load_values, merged
-from conftest import CHART, DASHBOARD, DEPLOY, RULES
+from deploy_paths import CHART, DASHBOARD, DEPLOY, RULES
 from gotemplate import Chart, TemplateError
 
 from service.config import Settings

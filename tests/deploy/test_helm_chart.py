@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 from chart_values import VALUES_FILES, load_values, merged
-from conftest import CHART, DASHBOARD, DEPLOY, ROOT
+from deploy_paths import CHART, DASHBOARD, DEPLOY, ROOT
 from promql_sources import panels
 
 TEMPLATES = sorted((CHART / "templates").glob("*"))

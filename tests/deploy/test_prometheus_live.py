@@ -23,7 +23,7 @@ import httpx
 import pytest
 import redis
 import yaml
-from conftest import DASHBOARD, DEPLOY, ROOT, RULES
+from deploy_paths import DASHBOARD, DEPLOY, ROOT, RULES
 from promql_sources import dashboard_queries, job_names, metric_names, rules, substitute, template_queries
 from service_harness import PROMPT, free_port
 

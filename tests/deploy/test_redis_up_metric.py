@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import httpx
-from conftest import ROOT
+from deploy_paths import ROOT
 from service_harness import ApiServer, free_port, make_settings
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from chart_values import VALUES_FILES, load_values, merged
-from conftest import CHART, DEPLOY, ROOT
+from deploy_paths import CHART, DEPLOY, ROOT
 from gotemplate import Chart
 
 DOCKERFILE = ROOT / "Dockerfile"
