@@ -65,8 +65,9 @@ PRESETS: dict[str, SPOPreset] = {
     # SDXL: rank 64, lr 1e-5, batch 2 with accumulation 2, K = 2, threshold 0.4, inner steps 3 (fp16-fix VAE).
     "sdxl": SPOPreset(kind="sdxl", lora_rank=64, lr=1e-5, prompts_per_batch=2, grad_accumulation=2,
                       num_candidates=2, threshold=0.4, inner_steps=3, pairs_per_step=2, gradient_checkpointing=True),
-    # spo-tiny on 2 CPU cores.
-    "tiny": SPOPreset(kind="sd15", lr=3e-4, prompts_per_batch=8, epochs=6, pairs_per_step=16,
+    # spo-tiny on 2 CPU cores. lr: the reference's 6e-5; at 3e-4 the policy/reference ratios blew up after ~35 batches
+    # and the images broke (benchmarks/results/spo-tiny-rater-2026-11-26).
+    "tiny": SPOPreset(kind="sd15", lr=6e-5, prompts_per_batch=8, epochs=6, pairs_per_step=16,
                       optimizer_steps_per_batch=2, mixed_precision="no", eval_every=10, checkpoint_every=10),
 }
 PRESETS["tiny-xl"] = replace(PRESETS["tiny"], kind="sdxl", num_candidates=2, threshold=0.4, inner_steps=3)
