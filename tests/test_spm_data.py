@@ -142,11 +142,15 @@ def test_plans_are_reproducible_and_split_by_prompt():
     mixed = plan_pairs(50, seed=3, guidance=(1.0, 5.0))
     assert [(p.caption, p.seed_0) for p in mixed] == [(p.caption, p.seed_0) for p in a]  # same prompts and seeds
     assert {p.guidance_0 for p in mixed} == {p.guidance_1 for p in mixed} == {1.0, 5.0}
+    assert {(p.steps_0, p.steps_1) for p in a} == {(20, 20)}
+    counts = plan_pairs(50, seed=3, guidance=(1.0, 5.0), steps=(4, 20))
+    assert [(p.caption, p.seed_0, p.guidance_0) for p in counts] == [(p.caption, p.seed_0, p.guidance_0) for p in mixed]
+    assert {p.steps_0 for p in counts} == {p.steps_1 for p in counts} == {4, 20}
 
 
 def test_write_pairs_from_a_model_resumes_and_reads_back(tmp_path, random_pipeline):
     out = tmp_path / "pairs"
-    summary = write_pairs(random_pipeline, out, 6, temperature=0.05, steps=2, batch=4, shard_size=4,
+    summary = write_pairs(random_pipeline, out, 6, temperature=0.05, steps=(2, 3), batch=4, shard_size=4,
                           row_group_size=2, guidance=(1.0, 5.0))
     assert summary["pairs"] == 6 and summary["generated_now"] == 6 and (out / "preview.png").is_file()
     shards = sorted(out.glob("*.parquet"))
@@ -154,9 +158,10 @@ def test_write_pairs_from_a_model_resumes_and_reads_back(tmp_path, random_pipeli
     table = pq.read_table(shards[0])
     for column in ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "rater_preference", "num_example_per_prompt"):
         assert column in table.column_names
-    plans = plan_pairs(6, guidance=(1.0, 5.0))
+    plans = plan_pairs(6, guidance=(1.0, 5.0), steps=(2, 3))
     assert table.column("guidance_1").to_pylist() == [p.guidance_1 for p in plans[:4]]
-    assert table.column("model_0").to_pylist()[0] == f"model@cfg{plans[0].guidance_0:g}"
+    assert table.column("steps_0").to_pylist() == [p.steps_0 for p in plans[:4]]
+    assert table.column("model_0").to_pylist()[0] == f"model@cfg{plans[0].guidance_0:g}@{plans[0].steps_0}steps"
     pairs, stats = load_pairs(out)
     assert len(pairs) == 6 and stats.n_skipped == 0
     assert all(p.reference in (0.0, 0.5, 1.0) and p.label_0 + p.label_1 == 1.0 for p in pairs)
@@ -164,8 +169,8 @@ def test_write_pairs_from_a_model_resumes_and_reads_back(tmp_path, random_pipeli
     assert pairs[0].reference_gap == abs(totals["rater_total_0"] - totals["rater_total_1"])
     before = shards[1].read_bytes()
     shards[0].unlink()  # an interrupted run: only the missing shard is generated again, identically
-    again = write_pairs(random_pipeline, out, 6, temperature=0.05, steps=2, batch=4, shard_size=4, row_group_size=2,
-                        guidance=(1.0, 5.0))
+    again = write_pairs(random_pipeline, out, 6, temperature=0.05, steps=(2, 3), batch=4, shard_size=4,
+                        row_group_size=2, guidance=(1.0, 5.0))
     assert again["generated_now"] == 4 and shards[1].read_bytes() == before
     assert pq.read_table(shards[0]).equals(table)
     assert summarise_pairs(out)["pairs"] == 6

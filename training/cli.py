@@ -24,6 +24,16 @@ def _float_list(value: str) -> tuple[float, ...]:
     return values
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {value!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected one or more counts >= 1, got {value!r}")
+    return values
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -125,7 +135,8 @@ def _cmd_eval_spm(args, parser) -> int:
     if args.base_model is not None and not (Path(args.base_model) / "model_index.json").is_file():
         parser.error(f"argument --base-model: no diffusers pipeline folder at {args.base_model!r}")
     summary = evaluate_spm(args.model, ablation=args.ablation, base_model=args.base_model, n_pairs=args.pairs,
-                           seed=args.seed, guidance=args.guidance, json_path=args.json, device=args.device)
+                           seed=args.seed, guidance=args.guidance, steps=args.steps, json_path=args.json,
+                           device=args.device)
     print(f"pairwise accuracy against the rater's noiseless preference on {summary['pairs']} fresh held-out pairs "
           f"({summary['clear_pairs']} with a clear preference, rater gap >= {summary['clear_gap']:g}; "
           f"{summary['rater_ties_left_out']} rater ties left out):")
@@ -213,7 +224,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
                    help="which (colour, shape, background) combinations the prompts come from")
-    p.add_argument("--steps", type=positive_int, default=20, help="DDIM steps")
+    p.add_argument("--steps", type=_int_list, default=(20,),
+                   help="DDIM steps, or a comma list from which each image draws its own (e.g. 4,6,8,12,20)")
     p.add_argument("--guidance", type=_float_list, default=(5.0,),
                    help="CFG scale, or a comma list from which each image draws its own (e.g. 1,1.5,2,3,5,7.5)")
     p.add_argument("--batch", type=positive_int, default=32, help="pairs per pipeline call")
@@ -316,6 +328,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", type=positive_int, default=500, help="fresh held-out pairs to generate")
     p.add_argument("--guidance", type=_float_list, default=(5.0,),
                    help="CFG scale(s) of the fresh pairs' images, as for `spo data pairs`")
+    p.add_argument("--steps", type=_int_list, default=(20,),
+                   help="DDIM step count(s) of the fresh pairs' images, as for `spo data pairs`")
     p.add_argument("--seed", type=int, default=4321)
     p.add_argument("--json", default=None, help="write {\"accuracy\": {\"0\": a, ...}, ...} to this file")
     p.add_argument("--device", default="cpu")

@@ -36,6 +36,7 @@ def _accuracy(correct: dict[int, np.ndarray], mask: np.ndarray) -> dict[str, flo
 
 def evaluate_spm(model: Path | str, *, ablation: Path | str | None = None, base_model: Path | str | None = None,
                  n_pairs: int = 500, seed: int = 4321, guidance: tuple[float, ...] = (5.0,),
+                 steps: tuple[int, ...] = (20,),
                  timesteps: tuple[int, ...] = EVAL_TIMESTEPS, clear_gap: float = CLEAR_GAP,
                  json_path: Path | str | None = None, device: str = "cpu") -> dict:
     """Pairwise accuracy of the SPM (and the ablation) against the rater at each t; returns the JSON summary."""
@@ -47,7 +48,7 @@ def evaluate_spm(model: Path | str, *, ablation: Path | str | None = None, base_
         base_model = json.loads(info.read_text())["diffusion_model"] if info.is_file() else "models/spo-tiny"
     pipe = load_pipeline(str(base_model), device=device)
     step_images = StepImages(pipe)
-    pairs = heldout_pairs(pipe, n_pairs, seed=seed, guidance=tuple(guidance))
+    pairs = heldout_pairs(pipe, n_pairs, seed=seed, guidance=tuple(guidance), steps=tuple(steps))
     decisive = [p for p in pairs if p.preference != 0.5]
     clear = np.array([p.reference_gap >= clear_gap for p in decisive], dtype=bool)
     everyone = np.ones(len(decisive), dtype=bool)
@@ -70,7 +71,8 @@ def evaluate_spm(model: Path | str, *, ablation: Path | str | None = None, base_
         "pairs": len(decisive), "clear_pairs": int(clear.sum()), "clear_gap": clear_gap,
         "rater_ties_left_out": len(pairs) - len(decisive),
         "model": str(model), "ablation": str(ablation) if ablation is not None else None,
-        "base_model": str(base_model), "split": "heldout", "guidance": list(guidance), "seed": seed,
+        "base_model": str(base_model), "split": "heldout", "guidance": list(guidance), "steps": list(steps),
+        "seed": seed,
         "table": format_table(columns, timesteps),
     }
     if json_path is not None:

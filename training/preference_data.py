@@ -336,18 +336,23 @@ class PairPlan:
     u_label: float  # uniform draw that turns the Bradley-Terry probability into a label
     guidance_0: float = 5.0
     guidance_1: float = 5.0
+    steps_0: int = 20
+    steps_1: int = 20
 
 
-def plan_pairs(n: int, seed: int = 0, split: str = "train", guidance: tuple[float, ...] = (5.0,)) -> list[PairPlan]:
-    """Prompts (from the split's combinations), two seeds, the label draw and each image's CFG scale.
+def plan_pairs(n: int, seed: int = 0, split: str = "train", guidance: tuple[float, ...] = (5.0,),
+               steps: tuple[int, ...] = (20,)) -> list[PairPlan]:
+    """Prompts (from the split's combinations), two seeds, the label draw and each image's CFG scale and step count.
 
-    With several `guidance` values each image draws its own, like Pick-a-Pic, whose two images often come from
-    different models and settings: pairs then differ more often in coarse ways (a wrong colour, a smeared shape).
+    With several `guidance` / `steps` values each image draws its own, like Pick-a-Pic, whose two images often come
+    from different models and settings: pairs then differ more often in visible quality (a smeared shape, a blurred
+    edge) than two seeds of one setting do, whose differences spo-tiny's VAE round trip mostly erases (issue 5).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     rng = random.Random(f"pairs-{seed}-{split}")
     scales = random.Random(f"guidance-{seed}-{split}")  # its own stream: prompts and seeds do not depend on it
+    counts = random.Random(f"steps-{seed}-{split}")  # likewise: data made with one step count is unchanged
     combos = SPLITS[split]
     plans = []
     for i in range(n):
@@ -355,7 +360,8 @@ def plan_pairs(n: int, seed: int = 0, split: str = "train", guidance: tuple[floa
         seed_0, seed_1 = rng.sample(range(100_000, 2**31 - 1), 2)
         u = rng.random()
         g0, g1 = scales.choice(guidance), scales.choice(guidance)
-        plans.append(PairPlan(i, caption, seed_0, seed_1, u, float(g0), float(g1)))
+        s0, s1 = (counts.choice(steps), counts.choice(steps)) if len(steps) > 1 else (steps[0], steps[0])
+        plans.append(PairPlan(i, caption, seed_0, seed_1, u, float(g0), float(g1), int(s0), int(s1)))
     return plans
 
 
@@ -401,21 +407,22 @@ class GeneratedPair:
                               abs(self.total_0 - self.total_1))
 
 
-def generate_pairs(pipe, plans: list[PairPlan], *, steps: int = 20, batch: int = 32,
+def generate_pairs(pipe, plans: list[PairPlan], *, batch: int = 32,
                    progress: bool = True) -> Iterator[GeneratedPair]:
-    """Both images of each planned pair, batched through `service.pipeline.generate` (one call per `batch` pairs
-    and CFG scale, per-image seeds), then rated."""
+    """Both images of each planned pair, batched through `service.pipeline.generate` (one call per `batch` pairs,
+    CFG scale and step count, per-image seeds), then rated."""
     from service.pipeline import ImageRequest, generate
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     bar = tqdm(total=len(plans), desc="pairs", unit="pair", dynamic_ncols=True, disable=not progress)
     for start in range(0, len(plans), batch):
         chunk = plans[start:start + batch]
-        wanted = [(p.caption, s, g) for p in chunk for s, g in ((p.seed_0, p.guidance_0), (p.seed_1, p.guidance_1))]
+        wanted = [(p.caption, s, (g, n)) for p in chunk
+                  for s, g, n in ((p.seed_0, p.guidance_0, p.steps_0), (p.seed_1, p.guidance_1, p.steps_1))]
         images: list[np.ndarray | None] = [None] * len(wanted)
-        for scale in sorted({g for _, _, g in wanted}):  # guidance is pipeline-wide: one call per scale
-            idx = [i for i, w in enumerate(wanted) if w[2] == scale]
-            out = generate(pipe, [ImageRequest(wanted[i][0], wanted[i][1]) for i in idx], steps=steps,
+        for scale, count in sorted({w[2] for w in wanted}):  # guidance and steps are pipeline-wide: one call each
+            idx = [i for i, w in enumerate(wanted) if w[2] == (scale, count)]
+            out = generate(pipe, [ImageRequest(wanted[i][0], wanted[i][1]) for i in idx], steps=count,
                            guidance=scale, width=size, height=size)
             for i, image in zip(idx, out, strict=True):
                 images[i] = image
@@ -438,22 +445,24 @@ def _schema():
         # Toy extras (Pick-a-Pic readers ignore unknown columns): the rater's view and how the images were made.
         ("rater_total_0", pa.float64()), ("rater_total_1", pa.float64()), ("rater_preference", pa.float64()),
         ("seed_0", pa.int64()), ("seed_1", pa.int64()), ("guidance_0", pa.float64()), ("guidance_1", pa.float64()),
+        ("steps_0", pa.int64()), ("steps_1", pa.int64()),
     ])
 
 
 def _row(g: GeneratedPair, temperature: float, tie_rate: float, model_name: str, per_prompt: int) -> dict:
     p = g.plan
     label_0, label_1 = bradley_terry_labels(g.total_0, g.total_1, temperature, p.u_label, tie_rate)
-    uid_0 = f"{model_name}-cfg{p.guidance_0:g}-seed{p.seed_0}"
-    uid_1 = f"{model_name}-cfg{p.guidance_1:g}-seed{p.seed_1}"
+    uid_0 = f"{model_name}-cfg{p.guidance_0:g}-steps{p.steps_0}-seed{p.seed_0}"
+    uid_1 = f"{model_name}-cfg{p.guidance_1:g}-steps{p.steps_1}-seed{p.seed_1}"
     best = "" if label_0 == label_1 else uid_0 if label_0 > label_1 else uid_1
     return {"ranking_id": p.index, "caption": p.caption, "jpg_0": encode_png(g.image_0), "jpg_1": encode_png(g.image_1),
             "label_0": label_0, "label_1": label_1, "image_0_uid": uid_0, "image_1_uid": uid_1,
-            "model_0": f"{model_name}@cfg{p.guidance_0:g}", "model_1": f"{model_name}@cfg{p.guidance_1:g}",
+            "model_0": f"{model_name}@cfg{p.guidance_0:g}@{p.steps_0}steps",
+            "model_1": f"{model_name}@cfg{p.guidance_1:g}@{p.steps_1}steps",
             "best_image_uid": best, "has_label": True,
             "are_different": True, "num_example_per_prompt": per_prompt, "rater_total_0": g.total_0,
             "rater_total_1": g.total_1, "rater_preference": g.reference, "seed_0": p.seed_0, "seed_1": p.seed_1,
-            "guidance_0": p.guidance_0, "guidance_1": p.guidance_1}
+            "guidance_0": p.guidance_0, "guidance_1": p.guidance_1, "steps_0": p.steps_0, "steps_1": p.steps_1}
 
 
 def _complete_shard(path: Path, rows: int) -> bool:
@@ -466,7 +475,8 @@ def _complete_shard(path: Path, rows: int) -> bool:
 
 
 def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: float = 0.005, seed: int = 0,
-                split: str = "train", tie_rate: float = 0.0, steps: int = 20, guidance: tuple[float, ...] = (5.0,),
+                split: str = "train", tie_rate: float = 0.0, steps: tuple[int, ...] = (20,),
+                guidance: tuple[float, ...] = (5.0,),
                 batch: int = 32, shard_size: int = 4096, row_group_size: int = 256, device: str = "cpu") -> dict:
     """Generate `n` labelled pairs from a diffusers model into parquet shards at `out`; returns the summary.
 
@@ -483,7 +493,7 @@ def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: floa
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plans = plan_pairs(n, seed, split, tuple(guidance))
+    plans = plan_pairs(n, seed, split, tuple(guidance), tuple(steps))
     per_prompt = Counter(p.caption for p in plans)
     model_name = Path(model).name
     n_shards = (n + shard_size - 1) // shard_size
@@ -502,7 +512,7 @@ def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: floa
         tmp = path.with_suffix(".parquet.tmp")
         with pq.ParquetWriter(tmp, _schema()) as writer:
             rows: list[dict] = []
-            for g in generate_pairs(pipe, shard_plans, steps=steps, batch=batch, progress=False):
+            for g in generate_pairs(pipe, shard_plans, batch=batch, progress=False):
                 bar.update(1)
                 rows.append(_row(g, temperature, tie_rate, model_name, per_prompt[g.plan.caption]))
                 if len(rows) == row_group_size:
@@ -516,7 +526,7 @@ def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: floa
     seconds = time.time() - started
     summary = summarise_pairs(out)
     summary.update(model=str(model), split=split, seed=seed, temperature=temperature, tie_rate=tie_rate,
-                   steps=steps, guidance=list(guidance), generated_now=generated, seconds=round(seconds, 1),
+                   steps=list(steps), guidance=list(guidance), generated_now=generated, seconds=round(seconds, 1),
                    pairs_per_second=round(generated / seconds, 3) if generated else None)
     (out / "info.json").write_text(json.dumps(summary, indent=2) + "\n")
     _save_preview(out / "preview.png", out)

@@ -224,9 +224,9 @@ def pairwise_accuracy(spm: StepAwarePreferenceModel, step_images: StepImages, pa
 
 
 def heldout_pairs(pipe, n: int, seed: int = 4321, guidance: tuple[float, ...] = (5.0,),
-                  progress: bool = True) -> list[PreferencePair]:
+                  steps: tuple[int, ...] = (20,), progress: bool = True) -> list[PreferencePair]:
     """Fresh shapes-world pairs on held-out prompts, with the rater's noiseless preference as reference."""
-    plans = plan_pairs(n, seed, "heldout", guidance)
+    plans = plan_pairs(n, seed, "heldout", guidance, steps)
     return [g.to_pair() for g in generate_pairs(pipe, plans, progress=progress)]
 
 
