@@ -91,8 +91,10 @@ def test_two_processes_give_the_one_process_losses(tmp_path, random_pipeline):
     """`accelerate launch` with 2 CPU processes (gloo): same global batches and draws, so the same losses."""
     data = _pairs_folder(tmp_path / "pairs")
     one = train_spm(data, random_pipeline, tmp_path / "one", seed=3, overrides=SMALL)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train_spm", "--data", str(data),
+    # --multi_gpu is accelerate's torchrun launcher (gloo on CPU); `--cpu` alone would start ONE process.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "training.train_spm", "--data", str(data),
            "--model", str(random_pipeline), "--out", str(tmp_path / "two"), "--seed", "3", "--steps", "5",
            "--batch-size", "4", "--micro-batch", "1", "--warmup", "2", "--eval-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -89,8 +89,10 @@ def test_accelerate_launch_two_processes_runs_an_epoch_of_the_tiny_preset(tiny_m
     from pathlib import Path
 
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train_spo", "--preset", "tiny",
+    # --multi_gpu is accelerate's torchrun launcher (gloo on CPU); `--cpu` alone would start ONE process.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "training.train_spo", "--preset", "tiny",
            "--model", str(tiny_model), "--scorer", "rater", "--out", str(out), "--max-batches", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env, timeout=1800, cwd=Path(__file__).resolve().parents[1])

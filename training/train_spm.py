@@ -282,7 +282,7 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     on_gpu = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=p.mixed_precision if on_gpu else "no")
+    accelerator = Accelerator(mixed_precision=p.mixed_precision if on_gpu else "no", cpu=not on_gpu)  # cpu=True: gloo
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if p.batch_size % world:
         raise ValueError(f"batch size {p.batch_size} is not divisible by the {world} processes")
