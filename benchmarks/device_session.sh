@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session, prepared to fit the device tool's limits (one command, <= 10 min, results under $OUT):
-#   1. >= 20k preference pairs from spo-tiny (mixed CFG scales) + held-out evaluation pairs,
+#   1. >= 20k preference pairs from spo-tiny (each image with its own CFG scale and step count: two seeds of one
+#      setting differ too little to survive the VAE, issue 5) + held-out evaluation pairs,
 #   2. the tiny step-aware preference model and its no-time-conditioning ablation (side by side on the GPU),
 #   3. `spo eval spm` of both on fresh held-out pairs,
 #   4. benchmarks/spo_step.py and benchmarks/gpu_unet.py.
@@ -17,7 +18,8 @@ BATCH=${BATCH:-1000}
 SPM_STEPS=${SPM_STEPS:-4000}
 SPM_MINUTES=${SPM_MINUTES:-3.0}
 BUDGET=${BUDGET:-540}  # seconds for everything
-GUIDANCE=1,1.5,2,3,5,7.5
+GUIDANCE=${GUIDANCE:-1.5,3,5,7.5}
+STEPS=${STEPS:-4,6,8,12,20}
 mkdir -p "$OUT/logs" runs data
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 TOKENIZERS_PARALLELISM=false
 if [ -d .whl ]; then
@@ -28,7 +30,7 @@ else
   export PYTHONPATH=$PWD:${PYTHONPATH:-}
 fi
 DEADLINE=$(( $(date +%s) + BUDGET ))
-export OUT DEVICE N NEVAL BATCH SPM_STEPS SPM_MINUTES GUIDANCE
+export OUT DEVICE N NEVAL BATCH SPM_STEPS SPM_MINUTES GUIDANCE STEPS
 spo() { python3 -c 'import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 pack() {
   tar czf "$OUT/results.tgz" --exclude=checkpoints -C "$OUT" logs phases.txt $(cd "$OUT" && ls *.json 2>/dev/null) \
@@ -48,9 +50,10 @@ phase() {  # phase NAME MAX_SECONDS COMMAND...
   o.__version__, o.get_available_providers())'; } > "$OUT/logs/env.log" 2>&1
 
 both_data() {
-  spo data pairs --model models/spo-tiny --n "$NEVAL" --split heldout --seed 1 --guidance $GUIDANCE \
+  spo data pairs --model models/spo-tiny --n "$NEVAL" --split heldout --seed 1 --guidance $GUIDANCE --steps $STEPS \
       --batch "$BATCH" --device "$DEVICE" --out data/spm-eval > "$OUT/logs/data-eval.log" 2>&1 &
-  spo data pairs --model models/spo-tiny --n "$N" --guidance $GUIDANCE --batch "$BATCH" --device "$DEVICE" \
+  spo data pairs --model models/spo-tiny --n "$N" --guidance $GUIDANCE --steps $STEPS --batch "$BATCH" \
+      --device "$DEVICE" \
       --out data/spm-pairs
   local rc=$?; wait; return $rc
 }
@@ -67,7 +70,7 @@ both_spm() {
 export -f both_spm
 phase spm 260 both_spm
 phase eval-spm 90 spo eval spm --model runs/spm-tiny --ablation runs/spm-tiny-notime --pairs 500 \
-    --guidance $GUIDANCE --device "$DEVICE" --json "$OUT/spm_eval.json"
+    --guidance $GUIDANCE --steps $STEPS --device "$DEVICE" --json "$OUT/spm_eval.json"
 if [ -z "${SKIP_BENCH:-}" ]; then
   phase spo-step 80 python3 benchmarks/spo_step.py --iters 3 --out "$OUT/spo_step.json"
   phase gpu-unet 170 python3 benchmarks/gpu_unet.py --iters 30 --out "$OUT/gpu_unet.json"
