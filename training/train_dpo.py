@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .conditioning import condition
 from .preference_data import PreferenceData, PreferencePair
-from .train_spm import PairStream, example_generator, lr_factor, to_tensor
+from .train_spm import PairStream, checkpoints, example_generator, lr_factor, resume_state, to_tensor, trim_log
 from .train_spo import PRESETS as SPO_PRESETS
 from .train_spo import add_lora, heldout_rating, reference_model, save_result
 
@@ -204,10 +204,6 @@ def micro_batch_losses(accelerator, unet, pipe, pairs: list[PreferencePair], dra
 # ------------------------------------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoints(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file())
-
-
 def _register_lora_state_hooks(accelerator) -> None:
     """Checkpoints hold only the LoRA (fp32) with the optimizer state, not a copy of the frozen UNet (GBs for SDXL)."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -288,26 +284,12 @@ def train_dpo(preset: str, data: Path | str, base: Path | str, out: Path | str, 
               f"{p.micro_batch}, LoRA rank {p.lora_rank}, beta {p.beta:g}", file=sys.stderr)
 
     state = {"step": 0, "epoch": 0, "position": 0, "train_seconds": 0.0, "ties_skipped": 0}
-    if not resume and _checkpoints(ckpt_dir):  # a later --resume would pick up the other run's checkpoints
+    if not resume and checkpoints(ckpt_dir):  # a later --resume would pick up the other run's checkpoints
         raise FileExistsError(f"{ckpt_dir} holds checkpoints of an earlier run: resume it or choose another --out")
-    if resume and _checkpoints(ckpt_dir):
-        last = _checkpoints(ckpt_dir)[-1]
-        saved = json.loads((last / "trainer_state.json").read_text())
-        # The data order and every draw are keyed by the seed and the global batch: they must not change.
-        if saved["seed"] != seed or saved["config"]["batch_size"] != p.batch_size:
-            raise ValueError(f"{last} was written with seed {saved['seed']} and batch size "
-                             f"{saved['config']['batch_size']}; resume with the same values")
-        state = {k: saved[k] for k in state}
-        accelerator.load_state(str(last))
-        if main:
-            print(f"resumed from {last} (step {state['step']})", file=sys.stderr)
-    elif resume and main:
-        print(f"no checkpoint in {ckpt_dir}: starting from step 0", file=sys.stderr)
+    state = resume_state(accelerator, ckpt_dir, state, seed, p.batch_size, resume)
     log_path = out / "dpo_log.jsonl"
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        old = log_path.read_text().splitlines() if (resume and log_path.is_file()) else []
-        log_path.write_text("".join(f"{r}\n" for r in old if json.loads(r)["step"] <= state["step"]))
+        trim_log(log_path, state["step"], resume)
 
     stream = PairStream(data_set, seed, state["epoch"], state["position"])
 
@@ -318,7 +300,7 @@ def train_dpo(preset: str, data: Path | str, base: Path | str, out: Path | str, 
             (path / "trainer_state.json").write_text(json.dumps(
                 {**state, "step": step, "epoch": stream.epoch, "position": stream.position, "seed": seed,
                  "preset": preset, "config": asdict(p)}) + "\n")
-            for old_ckpt in _checkpoints(ckpt_dir)[:-p.keep_checkpoints]:
+            for old_ckpt in checkpoints(ckpt_dir)[:-p.keep_checkpoints]:
                 shutil.rmtree(old_ckpt)
         accelerator.wait_for_everyone()
 

@@ -257,8 +257,36 @@ class PairStream:
         return batch
 
 
-def _checkpoints(folder: Path) -> list[Path]:
+def checkpoints(folder: Path) -> list[Path]:
+    """Complete step checkpoints (trainer_state.json is written last), oldest first."""
     return sorted(p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file())
+
+
+def resume_state(accelerator, ckpt_dir: Path, state: dict, seed: int, batch_size: int, resume: bool) -> dict:
+    """With `resume`, load the newest checkpoint into `accelerator` and return its trainer state (the keys of
+    `state`); else `state` unchanged. Shared by the SPM and Diffusion-DPO trainers."""
+    main = accelerator.is_main_process
+    if not (resume and checkpoints(ckpt_dir)):
+        if resume and main:
+            print(f"no checkpoint in {ckpt_dir}: starting from step 0", file=sys.stderr)
+        return state
+    last = checkpoints(ckpt_dir)[-1]
+    saved = json.loads((last / "trainer_state.json").read_text())
+    # The data order and every draw are keyed by the seed and the global batch: they must not change.
+    if saved["seed"] != seed or saved["config"]["batch_size"] != batch_size:
+        raise ValueError(f"{last} was written with seed {saved['seed']} and batch size "
+                         f"{saved['config']['batch_size']}; resume with the same values")
+    accelerator.load_state(str(last))
+    if main:
+        print(f"resumed from {last} (step {saved['step']})", file=sys.stderr)
+    return {k: saved[k] for k in state}
+
+
+def trim_log(log_path: Path, step: int, resume: bool) -> None:
+    """Start a run's jsonl log: empty, or (resuming) the earlier run's records up to the checkpoint's step."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    old = log_path.read_text().splitlines() if (resume and log_path.is_file()) else []
+    log_path.write_text("".join(f"{r}\n" for r in old if json.loads(r).get("step", 0) <= step))
 
 
 def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str = "tiny", *,
@@ -326,24 +354,10 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
         elif p.clip == "tiny":
             eval_set = heldout_pairs(pipe, p.eval_pairs)
 
-    state = {"step": 0, "epoch": 0, "position": 0}
-    if resume and _checkpoints(ckpt_dir):
-        last = _checkpoints(ckpt_dir)[-1]
-        state = json.loads((last / "trainer_state.json").read_text())
-        # The data order and every draw are keyed by the seed and the global batch: they must not change.
-        if state["seed"] != seed or state["config"]["batch_size"] != p.batch_size:
-            raise ValueError(f"{last} was written with seed {state['seed']} and batch size "
-                             f"{state['config']['batch_size']}; resume with the same values")
-        accelerator.load_state(str(last))
-        if main:
-            print(f"resumed from {last} (step {state['step']})", file=sys.stderr)
-    elif resume and main:
-        print(f"no checkpoint in {ckpt_dir}: starting from step 0", file=sys.stderr)
+    state = resume_state(accelerator, ckpt_dir, {"step": 0, "epoch": 0, "position": 0}, seed, p.batch_size, resume)
     log_path = out / "train_log.jsonl"
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        old = log_path.read_text().splitlines() if (resume and log_path.is_file()) else []
-        log_path.write_text("".join(f"{r}\n" for r in old if json.loads(r).get("step", 0) <= state["step"]))
+        trim_log(log_path, state["step"], resume)
     log_file = open(log_path, "a") if main else None  # noqa: SIM115 - closed at the end of the run
     started = time.time()
 
@@ -359,7 +373,7 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
             (path / "trainer_state.json").write_text(json.dumps(
                 {"step": step, "epoch": stream.epoch, "position": stream.position, "seed": seed, "preset": preset,
                  "config": asdict(p)}) + "\n")
-            for old_ckpt in _checkpoints(ckpt_dir)[:-p.keep_checkpoints]:
+            for old_ckpt in checkpoints(ckpt_dir)[:-p.keep_checkpoints]:
                 shutil.rmtree(old_ckpt)
         accelerator.wait_for_everyone()
 
