@@ -151,6 +151,14 @@ def test_dashboard_and_alert_queries_against_real_prometheus(prometheus_bin, red
         wait_for("the doomed job to fail",
                  lambda: client.get(f"/v1/jobs/{doomed}").json()["status"] == "failed", procs, 30)
 
+        # One job first, and Prometheus must have scraped its series (queue wait, latency, ...) before the load: a
+        # series whose first scrape already holds all its observations has rate() 0 over any window (seen on a
+        # loaded CI machine, where scrapes of the busy worker can come late).
+        prom_api = PromClient(prom_url)
+        assert client.post("/v1/images/generations", json={**body, "seed": 99}).status_code == 200
+        wait_for("Prometheus to scrape the first job", lambda: prom_api.samples(
+            f'sum(spo_queue_wait_seconds_count{{model="{MODEL}"}})') == [1.0], procs, 30)
+
         # Load: sync generations of 1 and 2 images from 4 clients (so batches form), async jobs, bad requests.
         def generate(i: int) -> int:
             return client.post("/v1/images/generations",
@@ -168,9 +176,8 @@ def test_dashboard_and_alert_queries_against_real_prometheus(prometheus_bin, red
         load_end = time.time()
 
         # Two scrapes of both jobs after the load, so that rate() has two samples of every series it created.
-        prom_api = PromClient(prom_url)
         wait_for("Prometheus to scrape the load", lambda: prom_api.samples(
-            f'sum(spo_jobs_total{{model="{MODEL}", status="succeeded"}})') == [10.0]
+            f'sum(spo_jobs_total{{model="{MODEL}", status="succeeded"}})') == [11.0]
             and prom_api.samples('min(timestamp(up{job=~"spo-api|spo-worker"} == 1))') > [load_end + 2.5]
             and len(prom_api.samples('up{job=~"spo-api|spo-worker"} == 1')) == 2, procs, 30)
 
