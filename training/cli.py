@@ -14,24 +14,24 @@ for _dep in ("torch", "diffusers", "transformers", "scipy"):
         raise ImportError(f"missing dependency {_dep!r}")
 
 
-def _float_list(value: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
+def _number_list(cast, what: str, minimum: float | None = None):
+    """An argparse type for "a,b,c" lists (`--guidance 1,5,7.5`, `--steps 4,8,20`): one parser, two number kinds."""
+    def parse(value: str) -> tuple:
+        try:
+            values = tuple(cast(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {value!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one of the {what}, got {value!r}")
+        if minimum is not None and min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum:g}, got {value!r}")
+        return values
+
+    return parse
 
 
-def _int_list(value: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {value!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected one or more counts >= 1, got {value!r}")
-    return values
+_float_list = _number_list(float, "numbers")  # ranges are checked by each command, naming its flag
+_int_list = _number_list(int, "whole numbers", minimum=1)
 
 
 def _positive_float(value: str) -> float:
@@ -163,9 +163,10 @@ def _cmd_train_spo(args, parser) -> int:
 
 def _cmd_train_dpo(args, parser) -> int:
     from .train_dpo import PRESETS, train_dpo
+    from .train_spm import checkpoints
 
     _check_preset_data_model(args, parser, PRESETS)
-    if not args.resume and any((Path(args.out) / "checkpoints").glob("step-*/trainer_state.json")):
+    if not args.resume and checkpoints(Path(args.out) / "checkpoints"):
         parser.error(f"argument --out: {args.out!r} holds checkpoints of an earlier run; continue it with --resume "
                      f"or choose another folder")
     batch = args.batch_size or PRESETS[args.preset].batch_size
