@@ -3,7 +3,8 @@
     python benchmarks/backends.py [--model models/spo-tiny] [--repeats 20]
 
 Prints the UNet call time at batch 1/2/4/8 (the UNet batch, i.e. CFG-doubled images) for both backends and their
-ratio, then end-to-end images/s of the pipeline (20 DDIM steps, CFG 5, 8 images per call) for both, and the ratio.
+ratio, then end-to-end images/s of the pipeline (20 DDIM steps, CFG 5) at 1/2/4/8 images per call for both, and the
+ratio.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/spo-tiny")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--images", type=int, default=8, help="images per end-to-end pipeline call")
+    parser.add_argument("--images", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8],
+                        help="images per end-to-end pipeline call, comma-separated")
+    parser.add_argument("--e2e-repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -51,7 +54,7 @@ def main() -> None:
     size = torch_unet.config.sample_size * pipe.vae_scale_factor
     spec = ModelSpec(name="bench", kind="sd15", base=str(Path(args.model).resolve()),
                      defaults={"steps": 20, "guidance": 5.0, "size": f"{size}x{size}"}, sizes=[f"{size}x{size}"],
-                     max_n=max(8, args.images), backend="onnxruntime")
+                     max_n=max(8, *args.images), backend="onnxruntime")
     with tempfile.TemporaryDirectory() as cache:
         ort_unet = OnnxRuntimeBackend(cache_dir=cache).prepare(pipe, spec)
         hw = (torch_unet.config.sample_size,) * 2
@@ -72,22 +75,29 @@ def main() -> None:
             rows.append({"batch": batch, "torch_ms": 1e3 * t_torch, "ort_ms": 1e3 * t_ort, "speedup": t_torch / t_ort})
             print(f"{batch:>10} | {1e3 * t_torch:>9.2f} | {1e3 * t_ort:>14.2f} | {t_torch / t_ort:>7.2f}x")
 
-        requests = [ImageRequest("a red circle on a blue background", i) for i in range(args.images)]
-        e2e = {}
-        for name, unet in (("torch", torch_unet), ("onnxruntime", ort_unet)):
-            pipe.unet = unet
-            generate(pipe, requests[:1], steps=2, guidance=5.0, width=size, height=size)  # warm-up
-            start = time.perf_counter()
-            for _ in range(3):
-                generate(pipe, requests, steps=20, guidance=5.0, width=size, height=size)
-            e2e[name] = 3 * len(requests) / (time.perf_counter() - start)
+        # End to end, interleaved (torch, onnxruntime, torch, ...) so a slow spell on a shared machine hits both.
+        e2e = []
+        for n in args.images:
+            requests = [ImageRequest("a red circle on a blue background", i) for i in range(n)]
+            seconds = {"torch": [], "onnxruntime": []}
+            for repeat in range(args.e2e_repeats + 1):
+                for name, unet in (("torch", torch_unet), ("onnxruntime", ort_unet)):
+                    pipe.unet = unet
+                    start = time.perf_counter()
+                    generate(pipe, requests, steps=20, guidance=5.0, width=size, height=size)
+                    if repeat:  # the first round warms up
+                        seconds[name].append(time.perf_counter() - start)
+            rates = {name: n / statistics.median(s) for name, s in seconds.items()}
+            e2e.append({"images": n, "torch_img_s": rates["torch"], "ort_img_s": rates["onnxruntime"],
+                        "speedup": rates["onnxruntime"] / rates["torch"]})
         pipe.unet = torch_unet
-        ratio = e2e["onnxruntime"] / e2e["torch"]
-        print(f"\nend to end ({args.images} images per call, 20 steps, CFG 5): torch {e2e['torch']:.2f} img/s, "
-              f"onnxruntime {e2e['onnxruntime']:.2f} img/s, speed-up {ratio:.2f}x")
+        print(f"\nend to end (20 DDIM steps, CFG 5; median of {args.e2e_repeats} interleaved calls)")
+        print(f"{'images/call':>11} | {'torch img/s':>11} | {'onnxruntime img/s':>17} | {'speed-up':>8}")
+        for row in e2e:
+            print(f"{row['images']:>11} | {row['torch_img_s']:>11.2f} | {row['ort_img_s']:>17.2f} | "
+                  f"{row['speedup']:>7.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"unet": rows, "end_to_end_img_s": e2e, "end_to_end_speedup": ratio},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps({"unet": rows, "end_to_end": e2e}, indent=2))
 
 
 if __name__ == "__main__":
