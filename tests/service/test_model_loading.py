@@ -26,28 +26,6 @@ def _manifest(tmp_path, *entries) -> object:
     return load_manifest(path)
 
 
-@pytest.fixture(scope="module")
-def lora_dir(served_model_dir, tmp_path_factory):
-    """A rank-4 LoRA on the UNet attention projections, saved the way `spo train spo` saves one."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = StableDiffusionPipeline.from_pretrained(served_model_dir)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
-    out = tmp_path_factory.mktemp("lora")
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
-    return out
-
-
 def test_lora_is_fused_at_load(tmp_path, served_model_dir, lora_dir):
     common = {"kind": "sd15", "base": str(served_model_dir)}
     manifest = _manifest(tmp_path, {"name": "base", **common},
