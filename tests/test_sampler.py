@@ -101,3 +101,19 @@ def test_per_prompt_generators_make_a_prompt_independent_of_its_batch():
     alone = spo_sample(_scheduler(), eps_shifted, score_by_mean, latents[2:], threshold=-1.0,
                        generator=[torch.Generator().manual_seed(102)])
     torch.testing.assert_close(full.final_latents[2:], alone.final_latents)
+
+
+def test_a_latent_scorer_gets_the_candidates_and_judges_the_recorded_transitions():
+    """`scores_latents = True` (the lookahead scorer): the score_fn sees each candidate x_{t-1} itself, not its x0
+    preview."""
+    seen = []
+
+    def by_latent_mean(latents, prompt_index, t):
+        seen.append(latents.clone())
+        return latents.float().mean(dim=(1, 2, 3)) * 100
+
+    by_latent_mean.scores_latents = True
+    p = _run(score_fn=by_latent_mean).pairs
+    assert (p.x_prev_win.mean(dim=(1, 2, 3)) > p.x_prev_lose.mean(dim=(1, 2, 3))).all()
+    # The first comparison's winners (one per prompt) are among the very latents the scorer was given.
+    assert all(any(torch.equal(candidate, win) for candidate in seen[0]) for win in p.x_prev_win[:3])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.train_spo import PRESETS, train_spo
+from training.train_spo import PRESETS, lookahead_rater_scorer, train_spo
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,41 @@ def test_accelerate_launch_two_processes_runs_an_epoch_of_the_tiny_preset(tiny_m
     info = json.loads((out / "train_info.json").read_text())
     assert info["processes"] == 2 and info["batches"] == 5
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "manifest_entry.yaml").is_file()
+
+
+def test_lookahead_scorer_finishes_each_candidate_then_rates_it(smoke_model):
+    """At t = 0 it rates the decoded latents as they are; at t > 0 it first runs `steps` deterministic CFG UNet calls
+    (so two candidates that differ only in noise can rank differently from their x0 previews)."""
+    import numpy as np
+
+    from service.pipeline import load_pipeline
+    from training.latents import decode_to_unit
+    from training.rater import rate
+
+    pipe = load_pipeline(str(smoke_model))
+    prompts = ["a red circle on a blue background", "a green square on a yellow background"]
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    score = lookahead_rater_scorer(pipe, pipe.unet, prompts, guidance=5.0, steps=3, scale=100.0)
+    assert score.scores_latents
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([0, 1, 0, 1])
+
+    at_zero = score(x, idx, torch.zeros(4, dtype=torch.long))
+    assert calls == []
+    with torch.no_grad():
+        images = (decode_to_unit(pipe.vae, x).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    expected = [100 * rate(im, prompts[j]).total for im, j in zip(images, idx.tolist(), strict=True)]
+    assert torch.allclose(at_zero, torch.tensor(expected, dtype=at_zero.dtype))
+
+    mid = score(x, idx, torch.full((4,), 501))
+    assert calls == [8, 8, 8]  # three UNet calls, each the CFG-doubled batch
+    assert torch.equal(mid, score(x, idx, torch.full((4,), 501)))  # deterministic (eta = 0)
+
+
+def test_train_spo_runs_with_the_lookahead_scorer(smoke_model, tmp_path):
+    out = train_spo("smoke", smoke_model, tmp_path / "lookahead", scorer="lookahead", max_batches=2)
+    records = [json.loads(x) for x in (out / "spo_log.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in records] == [0, 1]
+    assert all(r["scoring_s"] > 0 and r["pairs"] > 0 for r in records)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

@@ -269,8 +269,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="tiny", help="tiny | tiny-xl | sd15 | sdxl | smoke")
     p.add_argument("--model", default="models/spo-tiny", help="base diffusers pipeline folder")
     p.add_argument("--spm", default=None, help="step-aware preference model folder (spo train spm)")
-    p.add_argument("--scorer", choices=["spm", "rater"], default="spm",
-                   help="rater: the shapes-world rater on decoded x0 (a step-unaware ablation)")
+    p.add_argument("--scorer", choices=["spm", "rater", "lookahead"], default="spm",
+                   help="rater: the shapes-world rater on decoded x0 (a step-unaware ablation); lookahead: the rater "
+                        "on each candidate finished by 4 deterministic DDIM steps (an oracle of its worth, ablation)")
     p.add_argument("--out", default="runs/spo-tiny-spo")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--full-unet", action="store_true", help="fine-tune the whole UNet instead of a LoRA")

@@ -7,7 +7,8 @@ from the winner or the loser collapses results, per the paper's ablation). SD 1.
 every step); SDXL uses 3 (branches at steps 4, 8, 12, 16).
 
 The sampler knows nothing about models: it takes `eps_fn(x, t, prompt_index) -> noise prediction` (classifier-free
-guidance applied inside) and `score_fn(x0_latents, prompt_index, t) -> scores`.
+guidance applied inside) and `score_fn(x0_latents, prompt_index, t) -> scores` (a score_fn with `scores_latents = True`
+gets the candidates' noisy latents instead of their x0 previews).
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def spo_sample(
             t_end = torch.zeros((), dtype=timesteps.dtype, device=timesteps.device)
             next_eps = None
             x0 = states[-1]
-        scores = score_fn(x0, cand_prompts, t_end.expand(k * b)).reshape(k, b)
+        seen = states[-1] if getattr(score_fn, "scores_latents", False) else x0  # a lookahead scorer finishes them
+        scores = score_fn(seen, cand_prompts, t_end.expand(k * b)).reshape(k, b)
         (best, worst), keep = compare(scores, threshold)
         compared += b
         kept += int(keep.sum())

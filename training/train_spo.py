@@ -26,7 +26,7 @@ from .conditioning import PromptBatch, cfg_eps, encode_prompts
 from .latents import decode_to_unit
 from .sampler import StepPairs, spo_sample
 from .shapes import HELD_OUT, TRAIN_COMBOS, caption_for
-from .spo import ddim_step_log_prob, spo_loss
+from .spo import ddim_step_log_prob, predicted_x0, spo_loss
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,37 @@ def rater_scorer(vae, prompts: list[str], scale: float = 20.0) -> ScoreFn:
     return score
 
 
+def lookahead_rater_scorer(pipe, unet, prompts: list[str], guidance: float, steps: int = 4,
+                           scale: float = 100.0) -> ScoreFn:
+    """Oracle ablation: a candidate's worth measured, not guessed. Each candidate latent is finished with a short
+    deterministic DDIM run (eta = 0, `steps` UNet calls, the current policy) and the rater scores the final image.
+
+    Not a preference model: it separates "the SPO loop cannot improve this model" from "the scorer is blind"
+    (benchmarks/step_signal.py shows the rater on x0 previews is blind before the last steps). Costs `steps` extra
+    UNet calls per comparison.
+    """
+    from .rater import rate
+
+    batch = encode_prompts(pipe, prompts)
+    alphas = pipe.scheduler.alphas_cumprod.double()
+
+    @torch.no_grad()
+    def score(latents: torch.Tensor, prompt_index: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x, t0 = latents.float(), int(t.reshape(-1)[0])
+        for i in range(steps if t0 > 0 else 0):
+            ti = t0 * (steps - i) // steps
+            eps = cfg_eps(unet, x, torch.full((len(x),), ti, device=x.device), batch, prompt_index, guidance)
+            x0 = predicted_x0(pipe.scheduler, eps, ti, x)
+            t_next = t0 * (steps - i - 1) // steps
+            x = x0 if t_next == 0 else (alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps).float()
+        images = (decode_to_unit(pipe.vae, x).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return torch.tensor([scale * rate(img, prompts[j]).total for img, j in zip(images, prompt_index.tolist(),
+                                                                                   strict=True)])
+
+    score.scores_latents = True  # the sampler passes the candidates' noisy latents, not their x0 previews
+    return score
+
+
 # -- Model plumbing. ------------------------------------------------------------------------------------------------
 
 
@@ -173,6 +204,8 @@ def sample_step_pairs(accelerator, pipe, unet, p: SPOPreset, score_fn: ScoreFn, 
         scores = score_fn(x0, idx, t)
         spent[0] += time.perf_counter() - s0
         return scores
+
+    timed_score.scores_latents = getattr(score_fn, "scores_latents", False)
 
     def eps_fn(x, t, idx):
         return cfg_eps(unet, x, t, pb, idx, p.guidance)
@@ -305,8 +338,10 @@ def train_spo(
         score_fn_for = lambda batch_prompts: spm_scorer(pipe.vae, model, batch_prompts)  # noqa: E731
     elif scorer == "rater":
         score_fn_for = lambda batch_prompts: rater_scorer(pipe.vae, batch_prompts)  # noqa: E731
+    elif scorer == "lookahead":
+        score_fn_for = lambda batch_prompts: lookahead_rater_scorer(pipe, unet, batch_prompts, p.guidance)  # noqa: E731
     else:
-        raise ValueError(f"--scorer must be spm or rater, got {scorer!r}")
+        raise ValueError(f"--scorer must be spm, rater or lookahead, got {scorer!r}")
 
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = p.prompts_per_batch * world
