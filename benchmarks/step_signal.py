@@ -1,0 +1,113 @@
+"""Where in sampling does a candidate's choice matter, and does a final-image judge see it? One run, side by side.
+
+    python benchmarks/step_signal.py [--model models/spo-tiny] [--prompts 32] [--continuations 3] [--json FILE]
+
+For each branch step s of a 20-step eta = 1 DDIM trajectory (CFG 5), K = 4 candidates x_{s+1} are drawn from the same
+parent (as SPO's step-wise resampler does). Two things are measured per candidate:
+  * what a step-unaware scorer sees: the rater on the decoded DDIM x0 prediction at the next step (SPO.md §2.3), and
+  * what the choice is worth: the rater's visual-quality part of the final image, averaged over `--continuations`
+    independent continuations of that candidate.
+It prints, per step, the within-group rank correlation of the two, how often the scorer's best candidate ends better
+than its worst, and how much of the final quality's variance lies between candidates (what a choice at this step can
+change) versus within a candidate (what later steps decide). A step-aware preference model has to learn the second
+column from the first's inputs; where the correlation is ~0, a final-image judge on x0 predictions trains on noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DDIMScheduler  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+from service.pipeline import load_pipeline  # noqa: E402
+from training.conditioning import cfg_eps, encode_prompts  # noqa: E402
+from training.evaluate import eval_items  # noqa: E402
+from training.latents import decode_to_unit  # noqa: E402
+from training.rater import rate  # noqa: E402
+from training.spo import ddim_step, predicted_x0  # noqa: E402
+
+K = 4
+STEPS = 20
+GUIDANCE = 5.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/spo-tiny")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--continuations", type=int, default=3)
+    parser.add_argument("--branch-steps", default="2,4,6,8,10,12,14,16,18")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    pipe = load_pipeline(args.model)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    ts = scheduler.timesteps
+    prompts = [item.caption for item in eval_items(args.prompts, 0, seed=99)]
+    batch = encode_prompts(pipe, prompts)
+    n, m = len(prompts), args.continuations
+    g = torch.Generator().manual_seed(args.seed)
+
+    def eps(x: torch.Tensor, step: int, rows: torch.Tensor) -> torch.Tensor:
+        return cfg_eps(pipe.unet, x, ts[step].expand(len(x)), batch, rows, GUIDANCE)
+
+    def quality_and_total(latents: torch.Tensor, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        images = (decode_to_unit(pipe.vae, latents).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        ratings = [rate(image, prompts[j]) for image, j in zip(images, rows.tolist(), strict=True)]
+        return np.array([r.quality for r in ratings]), np.array([r.total for r in ratings])
+
+    start = time.perf_counter()
+    rows_out = []
+    print(f"{args.model}: {n} prompts, K = {K} candidates, {m} continuations each, DDIM {STEPS} eta 1, CFG {GUIDANCE}")
+    print(f"{'step':>4} | {'t':>3} | {'rank corr (x0 view, final)':>26} | {'P(best ends better)':>19} | "
+          f"{'final-quality var between':>25} | {'within':>8}")
+    with torch.no_grad():
+        rows = torch.arange(n)
+        x = torch.randn(n, 4, *(pipe.unet.config.sample_size,) * 2, generator=g)
+        parents = {}
+        for i in range(STEPS):  # one shared trajectory; its states are the parents
+            parents[i] = x
+            x = ddim_step(scheduler, eps(x, i, rows), ts[i], x, 1.0, generator=g)
+        for s in (int(v) for v in args.branch_steps.split(",")):
+            e = eps(parents[s], s, rows)
+            cand = torch.cat([ddim_step(scheduler, e, ts[s], parents[s], 1.0, generator=g) for _ in range(K)])
+            crows = rows.repeat(K)
+            view = predicted_x0(scheduler, eps(cand, s + 1, crows), ts[s + 1], cand) if s + 1 < STEPS else cand
+            _, view_total = quality_and_total(view, crows)
+            y, yrows = cand.repeat(m, 1, 1, 1), crows.repeat(m)
+            for j in range(s + 1, STEPS):
+                y = ddim_step(scheduler, eps(y, j, yrows), ts[j], y, 1.0, generator=g)
+            final_q = quality_and_total(y, yrows)[0].reshape(m, K, n)
+            view_total = view_total.reshape(K, n)
+            value = final_q.mean(0)  # (K, n): what each candidate is worth
+            best, worst, cols = view_total.argmax(0), view_total.argmin(0), np.arange(n)
+            corr = float(np.nanmean([spearmanr(view_total[:, p], value[:, p]).statistic for p in range(n)]))
+            better = float((value[best, cols] > value[worst, cols]).mean())
+            # Between-candidate variance of the value, minus the part the finite continuation average adds.
+            within = float(final_q.var(0, ddof=1).mean())
+            between = max(float(value.var(0, ddof=1).mean()) - within / m, 0.0)
+            rows_out.append({"step": s, "t": int(ts[s]), "rank_corr": corr, "p_best_ends_better": better,
+                             "between_var": between, "within_var": within})
+            print(f"{s:>4} | {int(ts[s]):>3} | {corr:>+26.3f} | {better:>19.2f} | {between:>25.5f} | {within:>8.5f}",
+                  flush=True)
+    print(f"{time.perf_counter() - start:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "prompts": n, "k": K, "continuations": m,
+                                               "rows": rows_out}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
