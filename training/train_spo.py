@@ -426,7 +426,8 @@ def train_spo(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_result(pipe, accelerator.unwrap_model(unet), out, full_unet, base, p.kind,
-                    {"method": "spo", "preset": preset, "seed": seed, **asdict(p)})
+                    {"method": "spo", "preset": preset, "seed": seed, "scorer": scorer,
+                     "spm": str(spm) if spm else None, **asdict(p)})
         (out / "train_info.json").write_text(json.dumps(
             {"batches": state["batch"], "planned_batches": total_batches, "processes": world,
              "seconds": round(time.time() - started_at - eval_seconds, 1),

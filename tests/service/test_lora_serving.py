@@ -27,7 +27,7 @@ COMMITTED = ROOT / "models" / "spo-tiny-spo"
 
 def _api_image(redis_url: str, prefix: str, manifest: Path, name: str, seed: int) -> np.ndarray:
     runner = ModelRunner(load_manifest(manifest).get(name)).load()
-    settings = make_settings(redis_url, prefix, manifest)
+    settings = make_settings(redis_url, prefix, manifest, models=[name])  # readiness waits for served models only
     server = ApiServer(settings).start()
     worker = ThreadWorker(settings, runner).start()
     try:

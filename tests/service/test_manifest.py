@@ -17,7 +17,9 @@ PUBLISHED = ROOT / "deploy" / "manifests" / "spo-published.yaml"
 
 def test_default_manifest():
     manifest = load_manifest(ROOT / "models" / "models.yaml")
-    assert manifest.names[:2] == ["spo-tiny", "spo-tiny-xl"]
+    assert manifest.names[:3] == ["spo-tiny", "spo-tiny-spo", "spo-tiny-xl"]
+    spo = manifest.get("spo-tiny-spo")
+    assert spo.base == str(ROOT / "models" / "spo-tiny") and spo.lora == str(ROOT / "models" / "spo-tiny-spo")
     tiny = manifest.get("spo-tiny")
     assert tiny.kind == "sd15" and tiny.base == str(ROOT / "models" / "spo-tiny") and tiny.backend == "torch"
     assert manifest.get("spo-tiny-xl").kind == "sdxl"
