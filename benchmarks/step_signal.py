@@ -33,7 +33,7 @@ from scipy.stats import spearmanr  # noqa: E402
 from service.pipeline import load_pipeline  # noqa: E402
 from training.conditioning import cfg_eps, encode_prompts  # noqa: E402
 from training.evaluate import eval_items  # noqa: E402
-from training.latents import decode_to_unit  # noqa: E402
+from training.latents import decode_to_uint8  # noqa: E402
 from training.rater import rate  # noqa: E402
 from training.spo import ddim_step, predicted_x0  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> None:
         return cfg_eps(pipe.unet, x, ts[step].expand(len(x)), batch, rows, GUIDANCE)
 
     def quality_and_total(latents: torch.Tensor, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        images = (decode_to_unit(pipe.vae, latents).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        images = decode_to_uint8(pipe.vae, latents)
         ratings = [rate(image, prompts[j]) for image, j in zip(images, rows.tolist(), strict=True)]
         return np.array([r.quality for r in ratings]), np.array([r.total for r in ratings])
 

@@ -107,10 +107,8 @@ def test_accelerate_launch_two_processes_runs_an_epoch_of_the_tiny_preset(tiny_m
 def test_lookahead_scorer_finishes_each_candidate_then_rates_it(smoke_model):
     """At t = 0 it rates the decoded latents as they are; at t > 0 it first runs `steps` deterministic CFG UNet calls
     (so two candidates that differ only in noise can rank differently from their x0 previews)."""
-    import numpy as np
-
     from service.pipeline import load_pipeline
-    from training.latents import decode_to_unit
+    from training.latents import decode_to_uint8
     from training.rater import rate
 
     pipe = load_pipeline(str(smoke_model))
@@ -124,8 +122,7 @@ def test_lookahead_scorer_finishes_each_candidate_then_rates_it(smoke_model):
 
     at_zero = score(x, idx, torch.zeros(4, dtype=torch.long))
     assert calls == []
-    with torch.no_grad():
-        images = (decode_to_unit(pipe.vae, x).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    images = decode_to_uint8(pipe.vae, x)
     expected = [100 * rate(im, prompts[j]).total for im, j in zip(images, idx.tolist(), strict=True)]
     assert torch.allclose(at_zero, torch.tensor(expected, dtype=at_zero.dtype))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -10,3 +11,10 @@ def decode_to_unit(vae, latents: torch.Tensor) -> torch.Tensor:
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def decode_to_uint8(vae, latents: torch.Tensor) -> np.ndarray:
+    """Scaled latents -> uint8 RGB images (N, H, W, 3), what the rater reads."""
+    with torch.no_grad():
+        images = decode_to_unit(vae, latents).permute(0, 2, 3, 1).cpu().numpy()
+    return (images * 255).round().astype(np.uint8)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .conditioning import PromptBatch, cfg_eps, encode_prompts
-from .latents import decode_to_unit
+from .latents import decode_to_uint8, decode_to_unit
 from .sampler import StepPairs, spo_sample
 from .shapes import HELD_OUT, TRAIN_COMBOS, caption_for
 from .spo import ddim_step_log_prob, predicted_x0, spo_loss
@@ -101,7 +101,7 @@ def rater_scorer(vae, prompts: list[str], scale: float = 20.0) -> ScoreFn:
 
     @torch.no_grad()
     def score(x0: torch.Tensor, prompt_index: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        images = (decode_to_unit(vae, x0).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        images = decode_to_uint8(vae, x0)
         return torch.tensor([scale * rate(img, prompts[j]).total for img, j in zip(images, prompt_index.tolist(),
                                                                                   strict=True)])
 
@@ -117,9 +117,8 @@ def lookahead_rater_scorer(pipe, unet, prompts: list[str], guidance: float, step
     (benchmarks/step_signal.py shows the rater on x0 previews is blind before the last steps). Costs `steps` extra
     UNet calls per comparison.
     """
-    from .rater import rate
-
     batch = encode_prompts(pipe, prompts)
+    rate_final = rater_scorer(pipe.vae, prompts, scale)
     alphas = pipe.scheduler.alphas_cumprod.double()
 
     @torch.no_grad()
@@ -131,9 +130,7 @@ def lookahead_rater_scorer(pipe, unet, prompts: list[str], guidance: float, step
             x0 = predicted_x0(pipe.scheduler, eps, ti, x)
             t_next = t0 * (steps - i - 1) // steps
             x = x0 if t_next == 0 else (alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps).float()
-        images = (decode_to_unit(pipe.vae, x).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        return torch.tensor([scale * rate(img, prompts[j]).total for img, j in zip(images, prompt_index.tolist(),
-                                                                                   strict=True)])
+        return rate_final(x, prompt_index, t)
 
     score.scores_latents = True  # the sampler passes the candidates' noisy latents, not their x0 previews
     return score

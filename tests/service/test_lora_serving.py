@@ -1,7 +1,7 @@
 """A LoRA served through its manifest entry gives the same image as `spo generate --lora` for the same seed: the API,
 queue and worker path and the command line load and run the model the same way (issue 6's serving check).
 
-Runs on a LoRA made by the fixture and, once it is committed, on `models/spo-tiny-spo` through `models/models.yaml`.
+Runs on a LoRA made by the fixture and on the committed `models/spo-tiny-spo` through `models/models.yaml`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import yaml
 from PIL import Image
 from service_harness import PROMPT, STEPS, ApiServer, ThreadWorker, make_settings, wait_ready
@@ -71,9 +70,6 @@ def test_api_and_spo_generate_give_the_same_lora_image(tmp_path, redis_url, pref
     assert np.abs(api.astype(np.int16) - _base_image(tmp_path, served_model_dir, seed=11)).mean() > 1.0
 
 
-@pytest.mark.skipif(not (COMMITTED / "pytorch_lora_weights.safetensors").is_file(),
-                    reason="models/spo-tiny-spo is not committed yet: no SPO-tuned LoRA that beats base exists "
-                           "(issue 6 miniature replication)")
 def test_committed_spo_lora_is_served_as_spo_generate_draws_it(tmp_path, redis_url, prefix):
     manifest = ROOT / "models" / "models.yaml"
     spec = load_manifest(manifest).get("spo-tiny-spo")
