@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +90,21 @@ def prefix(redis_url) -> str:
     if keys:
         client.unlink(*keys)
     client.close()
+
+
+def check_snapshots(out: Path, steps: list[int]) -> None:
+    """A trainer's OUT/snapshots/: one folder per `steps`, each with its step and the training seconds spent so far
+    (rising, within the run's total), the last one equal to the final weights and the first one different."""
+    from safetensors.torch import load_file
+
+    folders = sorted((out / "snapshots").iterdir())
+    meta = [json.loads((f / "snapshot.json").read_text()) for f in folders]
+    assert [m["step"] for m in meta] == steps and [f.name for f in folders] == [f"{s:06d}" for s in steps]
+    seconds = [m["train_seconds"] for m in meta]
+    total = json.loads((out / "train_info.json").read_text())["seconds"]
+    assert seconds[0] > 0 and seconds == sorted(seconds) and seconds[-1] <= total + 0.1
+    final = load_file(out / "pytorch_lora_weights.safetensors")
+    first, last = (load_file(f / "pytorch_lora_weights.safetensors") for f in (folders[0], folders[-1]))
+    assert final.keys() == last.keys() == first.keys() and len(final) > 0
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert any(not torch.equal(final[k], first[k]) for k in final)

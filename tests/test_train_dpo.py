@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from service.cli import main
+from tests.conftest import check_snapshots
 from training.preference_data import encode_png
 from training.shapes import COLOURS, SHAPES, Scene, caption_for, render
 from training.train_dpo import PRESETS, diffusion_dpo_loss, implicit_accuracy, train_dpo
@@ -76,7 +77,8 @@ def pairs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(pairs, random_pipeline, tmp_path_factory):
-    return train_dpo("smoke", pairs, random_pipeline, tmp_path_factory.mktemp("dpo") / "full", seed=3)
+    return train_dpo("smoke", pairs, random_pipeline, tmp_path_factory.mktemp("dpo") / "full", seed=3,
+                     snapshot_every=2)
 
 
 def test_smoke_run_writes_a_lora_that_loads_and_changes_the_unet(uninterrupted, random_pipeline):
@@ -102,6 +104,10 @@ def test_smoke_run_writes_a_lora_that_loads_and_changes_the_unet(uninterrupted, 
         pipe.load_lora_weights(uninterrupted)
         after = pipe.unet(x, 500, encoder_hidden_states=emb).sample
     assert (after - before).abs().max() > 1e-6
+
+
+def test_snapshots_keep_the_lora_and_training_seconds_so_far(uninterrupted):
+    check_snapshots(uninterrupted, [2, 4])
 
 
 def test_resume_gives_the_same_lora_as_an_uninterrupted_run(uninterrupted, pairs, random_pipeline, tmp_path):

@@ -6,13 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import check_snapshots
 from training.train_spo import PRESETS, lookahead_rater_scorer, train_spo
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(smoke_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("spo") / "full"
-    return train_spo("smoke", smoke_model, out, scorer="rater", max_batches=4)
+    return train_spo("smoke", smoke_model, out, scorer="rater", max_batches=4, snapshot_every=2)
 
 
 def test_runs_and_writes_a_lora_and_manifest_entry(uninterrupted, smoke_model):
@@ -31,6 +32,10 @@ def test_runs_and_writes_a_lora_and_manifest_entry(uninterrupted, smoke_model):
     assert after.keys() == before.keys()
     assert any(not torch.equal(before[k], v) for k, v in after.items())
     assert "lora:" in (uninterrupted / "manifest_entry.yaml").read_text()
+
+
+def test_snapshots_keep_the_weights_and_training_seconds_so_far(uninterrupted):
+    check_snapshots(uninterrupted, [2, 4])
 
 
 def test_resume_gives_the_same_lora_as_an_uninterrupted_run(uninterrupted, smoke_model, tmp_path):

@@ -155,7 +155,7 @@ def _cmd_train_spo(args, parser) -> int:
         parser.error("argument --spm: a step-aware preference model folder is required with --scorer spm")
     out = train_spo(args.preset, Path(args.model), Path(args.out), spm=Path(args.spm) if args.spm else None,
                     scorer=args.scorer, seed=args.seed, full_unet=args.full_unet, resume=args.resume,
-                    max_batches=args.max_batches, max_minutes=args.max_minutes,
+                    max_batches=args.max_batches, max_minutes=args.max_minutes, snapshot_every=args.snapshot_every or 0,
                     overrides={"lr": args.lr} if args.lr is not None else None)
     print(f"saved the SPO fine-tune and its manifest entry to {out}")
     return 0
@@ -179,7 +179,8 @@ def _cmd_train_dpo(args, parser) -> int:
                                    ("eval_every", args.eval_every), ("save_every", args.save_every),
                                    ("caption_dropout", args.caption_dropout)) if v is not None}
     out = train_dpo(args.preset, args.data, args.model, args.out, seed=args.seed, resume=args.resume,
-                    max_minutes=args.max_minutes, stop_after=args.stop_after, overrides=overrides)
+                    max_minutes=args.max_minutes, stop_after=args.stop_after, snapshot_every=args.snapshot_every or 0,
+                    overrides=overrides)
     if (out / "pytorch_lora_weights.safetensors").is_file():
         print(f"saved the Diffusion-DPO LoRA and its manifest entry to {out}")
     else:
@@ -280,6 +281,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="wall-clock budget: stop there and save the LoRA trained so far")
     p.add_argument("--lr", type=_positive_float, default=None, help="override the preset's learning rate")
+    p.add_argument("--snapshot-every", type=positive_int, default=None, metavar="N",
+                   help="keep the weights every N batches in OUT/snapshots/ (benchmarks/compute_to_gain.py)")
     p.set_defaults(func=_cmd_train_spo, _parser=p)
 
     p = train.add_parser("dpo", help="Diffusion-DPO baseline: a LoRA trained on final-image pairs (also under "
@@ -302,6 +305,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=positive_int, default=None, help="steps between checkpoints")
     p.add_argument("--caption-dropout", type=float, default=None,
                    help="override: share of pairs trained with the empty caption (reference 0.2; 0: conditional only)")
+    p.add_argument("--snapshot-every", type=positive_int, default=None, metavar="N",
+                   help="keep the LoRA every N steps in OUT/snapshots/ (benchmarks/compute_to_gain.py)")
     p.set_defaults(func=_cmd_train_dpo, _parser=p)
 
     ev = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="eval_command", required=True)

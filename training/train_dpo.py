@@ -41,7 +41,7 @@ from .conditioning import condition
 from .preference_data import PreferenceData, PreferencePair
 from .train_spm import PairStream, checkpoints, example_generator, lr_factor, resume_state, to_tensor, trim_log
 from .train_spo import PRESETS as SPO_PRESETS
-from .train_spo import add_lora, heldout_rating, reference_model, save_result
+from .train_spo import add_lora, heldout_rating, reference_model, save_result, save_snapshot
 
 # ----------------------------------------------------------------------------------------------------------- presets
 
@@ -232,13 +232,14 @@ def _register_lora_state_hooks(accelerator) -> None:
 
 def train_dpo(preset: str, data: Path | str, base: Path | str, out: Path | str, *, seed: int = 42,
               resume: bool = False, max_minutes: float | None = None, stop_after: int | None = None,
-              overrides: dict | None = None) -> Path:
+              snapshot_every: int = 0, overrides: dict | None = None) -> Path:
     """Fine-tune a LoRA on `base` with Diffusion-DPO on the pairs in `data`; writes the LoRA and its manifest entry.
 
     `overrides` replaces preset fields (e.g. {"steps": 20, "beta": 2500}); `stop_after` ends this run after that many
     steps with a checkpoint (continue with `resume=True`); `max_minutes` is a wall-clock budget on the training steps
     (summed over resumed runs; held-out evaluation and checkpoint writing not counted), at which the LoRA trained so
-    far is the result and `train_info.json` says it stopped on the budget.
+    far is the result and `train_info.json` says it stopped on the budget. `snapshot_every` keeps the LoRA every N
+    steps in OUT/snapshots/ with the training seconds spent (gain-versus-compute curves).
     """
     from accelerate import Accelerator
     from accelerate.utils import broadcast
@@ -360,6 +361,8 @@ def train_dpo(preset: str, data: Path | str, base: Path | str, out: Path | str, 
         stopping = stop_after is not None and state["step"] - started_here >= stop_after
         if state["step"] % p.save_every == 0 or stopping or out_of_time:
             save_checkpoint(state["step"])
+        if snapshot_every and state["step"] % snapshot_every == 0 and main:
+            save_snapshot(pipe, accelerator.unwrap_model(unet), out, state["step"], state["train_seconds"])
         if stopping or out_of_time:
             break
     bar.close()

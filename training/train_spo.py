@@ -283,9 +283,14 @@ def train_spo(
     resume: bool = False,
     max_batches: int | None = None,
     max_minutes: float | None = None,
+    snapshot_every: int = 0,
     overrides: dict | None = None,
 ) -> Path:
-    """Fine-tune `base` with SPO; writes a diffusers LoRA (or UNet folder) and a served-model manifest entry."""
+    """Fine-tune `base` with SPO; writes a diffusers LoRA (or UNet folder) and a served-model manifest entry.
+
+    `max_minutes` budgets the training compute (sampling, scoring, optimizer steps; summed over resumed runs), not
+    held-out evaluation or snapshots; `snapshot_every` keeps the weights every N batches in OUT/snapshots/.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -347,12 +352,13 @@ def train_spo(
     if max_batches is not None:
         total_batches = min(total_batches, max_batches)
 
-    state = {"batch": 0, "last_pairs": None}
+    state = {"batch": 0, "last_pairs": None, "prior_seconds": 0.0}  # prior: training seconds of resumed runs
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "spo_log.jsonl"
     if resume and (ckpt_dir / "progress.json").is_file():
         accelerator.load_state(str(ckpt_dir))
-        state["batch"] = json.loads((ckpt_dir / "progress.json").read_text())["batch"]
+        progress = json.loads((ckpt_dir / "progress.json").read_text())
+        state["batch"], state["prior_seconds"] = progress["batch"], progress.get("train_seconds", 0.0)
         state["last_pairs"] = torch.load(ckpt_dir / f"last_pairs_{rank}.pt", weights_only=False)
         lines = log_path.read_text().splitlines() if log_path.exists() else []
         log_path.write_text("".join(x + "\n" for x in lines if json.loads(x)["batch"] < state["batch"]))
@@ -367,9 +373,13 @@ def train_spo(
     bar = tqdm(total=total_batches, initial=state["batch"], desc="spo", dynamic_ncols=True,
                disable=not accelerator.is_main_process)
     latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    started_at, eval_seconds = time.time(), 0.0
+    started_at, untimed = time.time(), 0.0  # untimed: held-out evaluation and snapshots, not training compute
+
+    def train_seconds() -> float:
+        return state["prior_seconds"] + time.time() - started_at - untimed
+
     while state["batch"] < total_batches:
-        if max_minutes is not None and time.time() - started_at - eval_seconds > 60 * max_minutes:
+        if max_minutes is not None and train_seconds() > 60 * max_minutes:
             tqdm.write(f"time budget of {max_minutes} min reached after {state['batch']} batches")
             break  # a wall-clock budget (equal-compute comparisons): the LoRA so far is the result
         b = state["batch"]
@@ -407,7 +417,7 @@ def train_spo(
             unet.eval()
             eval_started = time.time()
             record.update({f"heldout_{k}": v for k, v in heldout_rating(pipe).items()})
-            eval_seconds += time.time() - eval_started  # not training compute: outside the time budget
+            untimed += time.time() - eval_started
         log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", keep=f"{result.keep_rate:.2f}",
                         ratio=f"{record['ratio_win_mean']:.3f}/{record['ratio_lose_mean']:.3f}")
@@ -417,7 +427,14 @@ def train_spo(
             accelerator.save_state(str(ckpt_dir))  # every process saves its own state (no main-only hang)
             torch.save(state["last_pairs"], ckpt_dir / f"last_pairs_{rank}.pt")
             if accelerator.is_main_process:
-                (ckpt_dir / "progress.json").write_text(json.dumps({"batch": state["batch"]}))
+                (ckpt_dir / "progress.json").write_text(json.dumps({"batch": state["batch"],
+                                                                    "train_seconds": train_seconds()}))
+        if snapshot_every and state["batch"] % snapshot_every == 0:
+            snapshot_started = time.time()
+            if accelerator.is_main_process:
+                save_snapshot(pipe, accelerator.unwrap_model(unet), out, state["batch"], train_seconds(), full_unet)
+            accelerator.wait_for_everyone()
+            untimed += time.time() - snapshot_started
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -427,7 +444,7 @@ def train_spo(
                      "spm": str(spm) if spm else None, **asdict(p)})
         (out / "train_info.json").write_text(json.dumps(
             {"batches": state["batch"], "planned_batches": total_batches, "processes": world,
-             "seconds": round(time.time() - started_at - eval_seconds, 1),
+             "seconds": round(train_seconds(), 1),
              "wall_seconds": round(time.time() - started_at, 1), "max_minutes": max_minutes,
              "stopped_by_time_budget": state["batch"] < total_batches}, indent=2) + "\n")
         keys = ("loss", "keep_rate", "ratio_win_mean", "ratio_lose_mean", "heldout_quality")
@@ -444,18 +461,34 @@ def save_result(pipe, unet, out: Path, full_unet: bool, base: Path, kind: str, c
     import yaml
 
     name = out.name
+    save_weights(pipe, unet, out, full_unet)
     if full_unet:
-        unet.save_pretrained(out / "unet")
         entry = {"name": name, "kind": kind, "base": str(base), "unet": str(out / "unet")}
     else:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        type(pipe).save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
         entry = {"name": name, "kind": kind, "base": str(base), "lora": str(out), "lora_scale": 1.0}
     (out / config_name).write_text(json.dumps(config, indent=2) + "\n")
     (out / "manifest_entry.yaml").write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
+
+
+def save_weights(pipe, unet, folder: Path, full_unet: bool) -> None:
+    """The trained weights alone: a diffusers LoRA (`pipe.load_lora_weights(folder)`) or `folder/unet`."""
+    if full_unet:
+        unet.save_pretrained(folder / "unet")
+        return
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    type(pipe).save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+def save_snapshot(pipe, unet, out: Path, step: int, train_seconds: float, full_unet: bool = False) -> Path:
+    """The weights as they are after `step` with the training seconds spent to get there: the points of a
+    gain-versus-compute curve (`benchmarks/compute_to_gain.py`)."""
+    folder = out / "snapshots" / f"{step:06d}"
+    save_weights(pipe, unet, folder, full_unet)
+    (folder / "snapshot.json").write_text(json.dumps({"step": step, "train_seconds": round(train_seconds, 1)}) + "\n")
+    return folder
 
 
 if __name__ == "__main__":  # `accelerate launch -m training.train_spo --preset tiny --spm ... --out ...`
