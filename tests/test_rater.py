@@ -109,3 +109,14 @@ def test_win_rate_counts_ties_half_and_brackets_the_estimate():
     assert big["win_rate"] == 1.0 and big["ci_low"] > 0.98
     with pytest.raises(ValueError):
         win_rate([], [])
+
+
+def test_paired_gain_and_first_crossing_of_a_gain_curve():
+    from training.evaluate import first_crossing, paired_gain
+
+    mean, se = paired_gain([1.0, 2.0, 4.0], [0.0, 1.0, 2.0])  # differences 1, 1, 2
+    assert mean == pytest.approx(4 / 3) and se == pytest.approx(np.std([1, 1, 2], ddof=1) / np.sqrt(3))
+    # Reaches 0.5 between 10 s (0.2) and 20 s (0.8): linear interpolation gives 15 s; the later dip does not matter.
+    assert first_crossing([0, 10, 20, 30], [0.0, 0.2, 0.8, 0.3], 0.5) == pytest.approx(15.0)
+    assert first_crossing([0, 10, 20], [0.0, 0.2, 0.4], 0.5) is None
+    assert first_crossing([0, 10], [0.0, 0.5], 0.5) == pytest.approx(10.0)
