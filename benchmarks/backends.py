@@ -3,8 +3,8 @@
     python benchmarks/backends.py [--model models/spo-tiny] [--repeats 20]
 
 Prints the UNet call time at batch 1/2/4/8 (the UNet batch, i.e. CFG-doubled images) for both backends and their
-ratio, then end-to-end images/s of the pipeline (20 DDIM steps, CFG 5) at 1/2/4/8 images per call for both, and the
-ratio.
+ratio, then end-to-end images/s of the pipeline (20 DDIM steps, CFG 5) at 1/2/4/8 images per call for torch,
+onnxruntime, and onnxruntime with the VAE decoder on it too (`compile_vae_decoder`), with the ratios to torch.
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def main() -> None:
                      defaults={"steps": 20, "guidance": 5.0, "size": f"{size}x{size}"}, sizes=[f"{size}x{size}"],
                      max_n=max(8, *args.images), backend="onnxruntime")
     with tempfile.TemporaryDirectory() as cache:
-        ort_unet = OnnxRuntimeBackend(cache_dir=cache).prepare(pipe, spec)
+        backend = OnnxRuntimeBackend(cache_dir=cache)
+        ort_unet = backend.prepare(pipe, spec)
+        torch_decoder, ort_decoder = pipe.vae.decoder, backend.prepare_vae_decoder(pipe, spec)
         hw = (torch_unet.config.sample_size,) * 2
         rows = []
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}")
@@ -79,23 +81,28 @@ def main() -> None:
         e2e = []
         for n in args.images:
             requests = [ImageRequest("a red circle on a blue background", i) for i in range(n)]
-            seconds = {"torch": [], "onnxruntime": []}
+            setups = {"torch": (torch_unet, torch_decoder), "onnxruntime": (ort_unet, torch_decoder),
+                      "onnxruntime+vae": (ort_unet, ort_decoder)}
+            seconds = {name: [] for name in setups}
             for repeat in range(args.e2e_repeats + 1):
-                for name, unet in (("torch", torch_unet), ("onnxruntime", ort_unet)):
-                    pipe.unet = unet
+                for name, (unet, decoder) in setups.items():
+                    pipe.unet, pipe.vae.decoder = unet, decoder
                     start = time.perf_counter()
                     generate(pipe, requests, steps=20, guidance=5.0, width=size, height=size)
                     if repeat:  # the first round warms up
                         seconds[name].append(time.perf_counter() - start)
             rates = {name: n / statistics.median(s) for name, s in seconds.items()}
             e2e.append({"images": n, "torch_img_s": rates["torch"], "ort_img_s": rates["onnxruntime"],
-                        "speedup": rates["onnxruntime"] / rates["torch"]})
-        pipe.unet = torch_unet
-        print(f"\nend to end (20 DDIM steps, CFG 5; median of {args.e2e_repeats} interleaved calls)")
-        print(f"{'images/call':>11} | {'torch img/s':>11} | {'onnxruntime img/s':>17} | {'speed-up':>8}")
+                        "speedup": rates["onnxruntime"] / rates["torch"], "ort_vae_img_s": rates["onnxruntime+vae"],
+                        "speedup_with_vae": rates["onnxruntime+vae"] / rates["torch"]})
+        pipe.unet, pipe.vae.decoder = torch_unet, torch_decoder
+        print(f"\nend to end (20 DDIM steps, CFG 5; median of {args.e2e_repeats} interleaved calls; "
+              f"+vae: the VAE decoder on onnxruntime too)")
+        print(f"{'images/call':>11} | {'torch img/s':>11} | {'onnxruntime img/s':>17} | {'speed-up':>8} | "
+              f"{'onnxruntime+vae img/s':>21} | {'speed-up':>8}")
         for row in e2e:
             print(f"{row['images']:>11} | {row['torch_img_s']:>11.2f} | {row['ort_img_s']:>17.2f} | "
-                  f"{row['speedup']:>7.2f}x")
+                  f"{row['speedup']:>7.2f}x | {row['ort_vae_img_s']:>21.2f} | {row['speedup_with_vae']:>7.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"unet": rows, "end_to_end": e2e}, indent=2))
 

@@ -51,7 +51,7 @@ class ShapeProfile:
     def check(self, batch: int, height: int, width: int) -> None:
         """Raise ValueError when an input falls outside what the artifact was built for."""
         if not self.min_batch <= batch <= self.max_batch:
-            raise ValueError(f"UNet batch {batch} is outside the engine profile [{self.min_batch}, {self.max_batch}]")
+            raise ValueError(f"batch {batch} is outside the engine profile [{self.min_batch}, {self.max_batch}]")
         (h0, w0), (h1, w1) = self.min_hw, self.max_hw
         if not (h0 <= height <= h1 and w0 <= width <= w1):
             raise ValueError(f"latent size {height}x{width} is outside the engine profile {h0}x{w0}..{h1}x{w1}")

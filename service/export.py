@@ -44,7 +44,8 @@ def resolve_spec(model: str, manifest_path: Path | None) -> ModelSpec:
 def export(model: str, backend: str, *, manifest_path: Path | None = None, out: Path | None = None,
            fp16: bool = False, max_batch: int | None = None, sizes: list[str] | None = None,
            device: str | None = None, cache_dir: Path | None = None) -> Path:
-    """Export (and for TensorRT, build) the UNet of `model`; returns the cached artifact's path."""
+    """Export (and for TensorRT, build) the UNet of `model`, and its VAE decoder when the manifest entry asks for
+    `compile_vae_decoder` (onnx); returns the cached UNet artifact's path."""
     import torch
 
     from .backends.ort import default_cache_dir, ensure_onnx
@@ -79,15 +80,26 @@ def export(model: str, backend: str, *, manifest_path: Path | None = None, out: 
         from .artifacts import ArtifactCache
 
         path, _ = ensure_onnx(pipe, spec, ArtifactCache(cache), fp16)
+        if spec.compile_vae_decoder:  # the worker will want the decoder too: build it now as well
+            from .backends.ort import ensure_onnx_vae_decoder
+
+            decoder_path, _ = ensure_onnx_vae_decoder(pipe, spec, ArtifactCache(cache))
+            _copy_out(decoder_path, out)
     else:
         from .backends.trt import TensorRTBackend
 
         path, _, _ = TensorRTBackend(cache_dir=cache).ensure_engine(pipe, spec)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for f in path.parent.iterdir():  # the model plus any external weight files
-            if f.name != "meta.json":
-                shutil.copy2(f, out / f.name)
-        shutil.copy2(path.parent / "meta.json", out / f"{path.stem}.meta.json")
+    _copy_out(path, out)
     log.info("exported %s (%s) -> %s", spec.name, backend, path)
     return path
+
+
+def _copy_out(path: Path, out: Path | None) -> None:
+    """A standalone copy of a cache entry's model (plus any external weight files) and its key as STEM.meta.json."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for f in path.parent.iterdir():
+        if f.name != "meta.json":
+            shutil.copy2(f, out / f.name)
+    shutil.copy2(path.parent / "meta.json", out / f"{path.stem}.meta.json")

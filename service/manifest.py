@@ -61,6 +61,9 @@ class Defaults(BaseModel):
         return value
 
 
+VAE_DECODER_BACKENDS = ("onnxruntime", "compile")  # those implementing prepare_vae_decoder
+
+
 class ModelSpec(BaseModel):
     """One served model. `base`, `lora` and `vae` are absolute paths or hub ids once loaded by `load_manifest`."""
 
@@ -80,6 +83,7 @@ class ModelSpec(BaseModel):
     guidance_range: tuple[float, float] = (0.0, 20.0)
     scheduler: str = Field("default", description="the pipeline's own scheduler; part of the batching key")
     backend: str = "torch"
+    compile_vae_decoder: bool = Field(False, description="run the VAE decoder on the backend too")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
     description: str = ""
@@ -111,6 +115,9 @@ class ModelSpec(BaseModel):
             raise ValueError(f"defaults.steps {self.defaults.steps} exceeds max_steps {self.max_steps}")
         if not low <= self.defaults.guidance <= high:
             raise ValueError(f"defaults.guidance {self.defaults.guidance} is outside guidance_range")
+        if self.compile_vae_decoder and self.backend not in VAE_DECODER_BACKENDS:
+            raise ValueError(f"compile_vae_decoder needs backend {' or '.join(VAE_DECODER_BACKENDS)}, "
+                             f"not {self.backend!r}")
         return self
 
     def is_local(self, ref: str) -> bool:

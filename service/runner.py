@@ -46,6 +46,8 @@ class ModelRunner:
         pipe = load_pipeline(spec.base, lora=spec.lora, lora_scale=spec.lora_scale, vae=spec.vae, unet=spec.unet,
                              dtype=DTYPES[spec.dtype], device=self.device)
         pipe.unet = self.backend.prepare(pipe, spec)
+        if spec.compile_vae_decoder:
+            pipe.vae.decoder = self.backend.prepare_vae_decoder(pipe, spec)
         self.pipe = pipe
         log.info("loaded %s (%s, base %s%s%s) on %s with %s in %.1fs", spec.name, spec.kind, spec.base,
                  f", UNet {spec.unet}" if spec.unet else "",

@@ -71,6 +71,56 @@ def test_pipeline_images_on_onnxruntime_equal_torch(smoke_model, smoke_xl, share
             assert np.abs(a.astype(float) - b.astype(float)).mean() <= 1.0
 
 
+def test_onnxruntime_vae_decoder_matches_torch_and_is_cached(smoke_model, smoke_xl, shared_cache):
+    """The decoder `AutoencoderKL.decode` calls: fp32 CPU parity <= 1e-4 max abs, batch 1/2/4, two sizes, SD and
+    SDXL; a second prepare is a cache hit (no new entry)."""
+    for base, kind in _models(smoke_model, smoke_xl):
+        pipe = load_pipeline(str(base))
+        backend = OnnxRuntimeBackend(cache_dir=shared_cache)
+        decoder = backend.prepare_vae_decoder(pipe, _spec(base, kind))
+        entries = sorted((shared_cache / "onnx-vae-decoder").iterdir())
+        backend.prepare_vae_decoder(pipe, _spec(base, kind))
+        assert sorted((shared_cache / "onnx-vae-decoder").iterdir()) == entries
+        channels = pipe.vae.decoder.conv_in.in_channels
+        for batch in (1, 2, 4):
+            for hw in ((8, 8), (16, 16)):
+                z = torch.randn(batch, channels, *hw, generator=torch.Generator().manual_seed(batch))
+                with torch.no_grad():
+                    ref = pipe.vae.decoder(z)
+                got = decoder(z)
+                assert got.shape == ref.shape == (batch, 3, 8 * hw[0], 8 * hw[1])
+                err = (got - ref).abs().max().item()
+                assert err <= 1e-4, (kind, batch, hw, err)
+        with pytest.raises(ValueError, match="batch 5"):  # max_n 4: the decoder profile holds 4 images
+            decoder(torch.randn(5, channels, 8, 8))
+
+
+def test_runner_with_the_vae_decoder_on_onnxruntime_equals_torch(smoke_model, shared_cache, monkeypatch):
+    """`compile_vae_decoder: true` installs the ONNX Runtime decoder in the served pipeline; images stay within
+    1/255 mean abs of the torch backend's."""
+    from service.runner import ModelRunner
+
+    monkeypatch.setenv("SPO_ENGINE_CACHE", str(shared_cache))
+    reqs = [ImageRequest("a red circle on a blue background", 7), ImageRequest("a blue square on a red background", 8)]
+    images = {}
+    for name, update in (("torch", {"backend": "torch"}),
+                         ("ort", {"backend": "onnxruntime", "compile_vae_decoder": True})):
+        runner = ModelRunner(_spec(smoke_model, "sd15").model_copy(update=update)).load()
+        if name == "ort":
+            assert type(runner.pipe.vae.decoder).__name__ == "OrtVAEDecoder"
+        images[name] = runner.run(reqs, width=64, height=64, steps=4, guidance=5.0)
+    for a, b in zip(images["torch"], images["ort"], strict=True):
+        assert np.abs(a.astype(float) - b.astype(float)).mean() <= 1.0
+
+
+def test_compile_vae_decoder_needs_a_backend_that_compiles_it(smoke_model):
+    torch_spec = _spec(smoke_model, "sd15", backend="torch")
+    with pytest.raises(ValueError, match="compile_vae_decoder needs backend onnxruntime or compile"):
+        ModelSpec(**{**torch_spec.model_dump(), "compile_vae_decoder": True})
+    with pytest.raises(ValueError, match="does not compile the VAE decoder"):
+        get_backend("torch").prepare_vae_decoder(None, torch_spec)
+
+
 def test_onnx_file_interface(smoke_model, shared_cache):
     import onnx
 
@@ -197,3 +247,19 @@ def test_spo_export_writes_the_onnx_interface_and_names_bad_flags(smoke_model, t
         with pytest.raises(SystemExit):
             main(["export", "--backend", "onnx", "--cache", str(tmp_path / "cache"), *argv])
         assert flag in capsys.readouterr().err
+
+
+def test_spo_export_prebuilds_the_vae_decoder_when_the_manifest_asks(smoke_model, tmp_path):
+    import yaml
+
+    from service.cli import main
+
+    manifest = tmp_path / "models.yaml"
+    entry = {**_spec(smoke_model, "sd15", sizes=("64x64",)).model_dump(), "name": "m-vae", "compile_vae_decoder": True}
+    manifest.write_text(yaml.safe_dump({"models": [entry]}))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert main(["export", "--model", "m-vae", "--manifest", str(manifest), "--backend", "onnx", "--out", str(out),
+                 "--cache", str(cache)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"unet.onnx", "unet.meta.json", "vae_decoder.onnx",
+                                               "vae_decoder.meta.json"}
+    assert len(list((cache / "onnx-vae-decoder").iterdir())) == 1  # in the cache, where the worker looks

@@ -24,6 +24,12 @@ class UNetBackend(ABC):
     def prepare(self, pipe: Any, spec: ModelSpec) -> Any:
         """Return the UNet to install as `pipe.unet`."""
 
+    def prepare_vae_decoder(self, pipe: Any, spec: ModelSpec) -> Any:
+        """Return the module to install as `pipe.vae.decoder` (manifest `compile_vae_decoder: true`); backends that
+        cannot compile it refuse rather than silently run it eagerly."""
+        raise ValueError(f"the {self.name} backend does not compile the VAE decoder (compile_vae_decoder needs "
+                         f"onnxruntime or compile)")
+
     def describe(self) -> str:
         """One line for the logs: backend name and version."""
         return self.name

@@ -35,5 +35,8 @@ class CompileBackend(UNetBackend):
         log.info("torch.compile(unet, mode=%s): the first call of each new shape recompiles", mode)
         return torch.compile(unet, mode=mode, fullgraph=False)
 
+    def prepare_vae_decoder(self, pipe: Any, spec: ModelSpec) -> Any:
+        return torch.compile(pipe.vae.decoder.eval().requires_grad_(False), mode=self.mode or "default")
+
     def describe(self) -> str:
         return f"torch.compile {torch.__version__}"
