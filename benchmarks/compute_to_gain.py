@@ -2,12 +2,14 @@
 
     python benchmarks/compute_to_gain.py --base models/spo-tiny --run spo=runs/spo-snap --run dpo=runs/dpo-snap \
         [--reference spo] [--extra-seconds dpo=783] [--n-heldout 256] [--out DIR]
+    python benchmarks/compute_to_gain.py --report-only --out DIR      # redo the report from DIR/results.json
 
 Each run is a trainer output folder made with `--snapshot-every N`: its snapshots/ plus the final weights. Every point
 (the base model counts as 0 seconds for every run) generates the same held-out prompts x seeds (DDIM 20, CFG 5) and is
 rated; its gain is the mean paired difference of the rater's quality part against the base images. The paper's
 compute claim is read off these curves: the training seconds each run needs to reach base + half of the reference
-run's final gain (first crossing, linear between points), and their ratio. `--extra-seconds` adds compute spent
+run's final gain (at the first crossing, and from where the curve stays above: one lucky early point does not
+decide that one; linear between points), and their ratios. `--extra-seconds` adds compute spent
 outside the trainer (e.g. generating and labelling DPO's pairs) to a second column. Writes results.json, report.md and
 gain_vs_compute.png to --out.
 """
@@ -25,7 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from training.evaluate import eval_items, first_crossing, generate_and_rate, paired_gain, win_rate  # noqa: E402
+from training.evaluate import (  # noqa: E402
+    eval_items,
+    first_crossing,
+    generate_and_rate,
+    paired_gain,
+    settled_crossing,
+    win_rate,
+)
 
 
 def run_points(folder: Path) -> list[dict]:
@@ -38,38 +47,46 @@ def run_points(folder: Path) -> list[dict]:
     final_step = info.get("steps", info.get("batches"))
     if not points or points[-1]["step"] != final_step:
         points.append({"step": final_step, "seconds": info["seconds"], "lora": str(folder)})
-    if not points:
-        raise SystemExit(f"--run: {folder} has neither snapshots nor final weights")
     return points
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="models/spo-tiny")
-    parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR")
+    parser.add_argument("--run", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--reference", default=None, help="run whose final gain defines the target (default: first)")
     parser.add_argument("--extra-seconds", action="append", default=[], metavar="NAME=SECONDS")
     parser.add_argument("--n-heldout", type=int, default=256)
     parser.add_argument("--out", default="runs/compute-to-gain")
+    parser.add_argument("--report-only", action="store_true", help="redo report.md and the plot from OUT/results.json")
     args = parser.parse_args()
 
     from service.pipeline import load_pipeline
 
+    out = Path(args.out)
+    results = json.loads((out / "results.json").read_text()) if args.report_only else None
     runs = {}
     for spec in args.run:
         name, sep, folder = spec.partition("=")
         if not sep or not (Path(folder) / "train_info.json").is_file():
             parser.error(f"argument --run: expected NAME=DIR of a finished trainer output, got {spec!r}")
         runs[name] = run_points(Path(folder))
-    reference = args.reference or next(iter(runs))
-    if reference not in runs:
-        parser.error(f"argument --reference: {reference!r} is not one of the runs {sorted(runs)}")
+    names = list(results["runs"]) if results else list(runs)
+    if not names:
+        parser.error("argument --run: give at least one NAME=DIR (or --report-only with OUT/results.json)")
+    reference = args.reference or (results["reference"] if results else names[0])
+    if reference not in names:
+        parser.error(f"argument --reference: {reference!r} is not one of the runs {names}")
     extra = {}
     for spec in args.extra_seconds:
         name, sep, value = spec.partition("=")
-        if not sep or name not in runs:
+        if not sep or name not in names:
             parser.error(f"argument --extra-seconds: expected NAME=SECONDS for a run name, got {spec!r}")
         extra[name] = float(value)
+    if results:
+        write_report({**results, "reference": reference, "extra_seconds": extra or results.get("extra_seconds", {})},
+                     out)
+        return
 
     items = eval_items(0, args.n_heldout)
     _, base_records = generate_and_rate(load_pipeline(args.base), items, desc="base")
@@ -89,49 +106,58 @@ def main() -> None:
         points.insert(0, {"step": 0, "seconds": 0.0, "lora": None, "gain": 0.0, "gain_se": 0.0,
                           "quality": float(np.mean(base_q)), "alignment": base_a})
 
+    head_to_head = {f"{a} vs {b}": win_rate(quality[a, runs[a][-1]["step"]], quality[b, runs[b][-1]["step"]])
+                    for i, a in enumerate(names) for b in names[i + 1:]}
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"base": args.base, "n_heldout": args.n_heldout, "reference": reference, "extra_seconds": extra,
+               "base_quality": float(np.mean(base_q)), "base_alignment": base_a, "runs": runs,
+               "head_to_head_quality": head_to_head}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_report(results, out)
+
+
+def write_report(results: dict, out: Path) -> None:
+    """report.md and gain_vs_compute.png from results.json: the time each run needs to reach base + half of the
+    reference run's final gain, as the first crossing and as the point from which it stays above."""
+    runs, reference, extra = results["runs"], results["reference"], results["extra_seconds"]
     target = runs[reference][-1]["gain"] / 2
     if target <= 0:
         print(f"{reference} ends no better than base (gain {2 * target:+.4f}): there is no half gain to reach")
-    summary = {}
+    reach = {}
     for name, points in runs.items():
-        seconds = None
-        if target > 0:
-            seconds = first_crossing([p["seconds"] for p in points], [p["gain"] for p in points], target)
-        summary[name] = {"final": points[-1], "seconds_to_half_gain": seconds,
-                         "extra_seconds": extra.get(name, 0.0)}
-    names = list(runs)
-    head_to_head = {f"{a} vs {b}": win_rate(quality[a, runs[a][-1]["step"]], quality[b, runs[b][-1]["step"]])
-                    for i, a in enumerate(names) for b in names[i + 1:]}
+        curve = ([p["seconds"] for p in points], [p["gain"] for p in points])
+        reach[name] = {"first": first_crossing(*curve, target) if target > 0 else None,
+                       "settled": settled_crossing(*curve, target) if target > 0 else None}
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(
-        {"base": args.base, "n_heldout": args.n_heldout, "reference": reference, "target_gain": target,
-         "base_quality": float(np.mean(base_q)), "base_alignment": base_a, "runs": runs, "summary": summary,
-         "head_to_head_quality": head_to_head}, indent=1) + "\n")
+    def minutes(s: float | None, name: str, with_data: bool = False) -> str:
+        return "not reached" if s is None else f"{(s + (extra.get(name, 0.0) if with_data else 0.0)) / 60:.1f} min"
 
-    def minutes(s: float | None) -> str:
-        return "not reached" if s is None else f"{s / 60:.1f} min"
-
-    lines = [f"Target: base quality {np.mean(base_q):.4f} + half of {reference}'s final gain "
-             f"({2 * target:+.4f}) = {np.mean(base_q) + target:.4f}; {args.n_heldout} held-out images per point.", "",
-             "| run | final step | train time | quality | gain (95%) | alignment | win-rate vs base (95%) "
-             "| time to half gain | incl. data |", "|---" * 9 + "|"]
-    for name, s in summary.items():
-        f, w = s["final"], s["final"]["win_rate"]
-        reach = s["seconds_to_half_gain"]
+    base_q = results["base_quality"]
+    outside = ", ".join(f"{k}: {v:.0f} s" for k, v in extra.items())
+    lines = [f"Target: base quality {base_q:.4f} + half of {reference}'s final gain ({2 * target:+.4f}) = "
+             f"{base_q + target:.4f}; {results['n_heldout']} held-out images per point. Time to half gain: training "
+             f"seconds at the first crossing / from where the curve stays above (linear between points); 'incl. data' "
+             f"adds compute spent outside the trainer ({outside or 'none'}).",
+             "", "| run | final step | train time | quality | gain (95%) | alignment | win-rate vs base (95%) "
+             "| half gain, first | half gain, stays | stays, incl. data |", "|---" * 10 + "|"]
+    for name, points in runs.items():
+        f, w, r = points[-1], points[-1]["win_rate"], reach[name]
         lines.append(f"| {name} | {f['step']} | {f['seconds'] / 60:.1f} min | {f['quality']:.4f} | "
                      f"{f['gain']:+.4f} ± {1.96 * f['gain_se']:.4f} | {f['alignment']:.3f} | "
-                     f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}] | {minutes(reach)} | "
-                     f"{minutes(None if reach is None else reach + s['extra_seconds'])} |")
+                     f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}] | {minutes(r['first'], name)} | "
+                     f"{minutes(r['settled'], name)} | {minutes(r['settled'], name, with_data=True)} |")
     lines += ["", "Head to head, final weights (quality part, ties half):", ""]
-    lines += [f"- {k}: {v['win_rate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]" for k, v in head_to_head.items()]
-    times = {n: s["seconds_to_half_gain"] for n, s in summary.items()}
-    for name in names:
-        if name != reference and times[name] and times[reference]:
-            with_data = (times[name] + extra.get(name, 0)) / (times[reference] + extra.get(reference, 0))
-            lines.append(f"- compute to half gain, {name} / {reference}: {times[name] / times[reference]:.2f}x "
-                         f"(training only), {with_data:.2f}x (incl. data)")
+    lines += [f"- {k}: {v['win_rate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+              for k, v in results["head_to_head_quality"].items()]
+    ref = reach[reference]
+    for name in runs:
+        if name == reference:
+            continue
+        for how in ("first", "settled"):
+            if reach[name][how] and ref[how]:
+                with_data = (reach[name][how] + extra.get(name, 0)) / (ref[how] + extra.get(reference, 0))
+                lines.append(f"- compute to half gain ({how}), {name} / {reference}: "
+                             f"{reach[name][how] / ref[how]:.2f}x training only, {with_data:.2f}x incl. data")
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
     print(report)

@@ -112,7 +112,7 @@ def test_win_rate_counts_ties_half_and_brackets_the_estimate():
 
 
 def test_paired_gain_and_first_crossing_of_a_gain_curve():
-    from training.evaluate import first_crossing, paired_gain
+    from training.evaluate import first_crossing, paired_gain, settled_crossing
 
     mean, se = paired_gain([1.0, 2.0, 4.0], [0.0, 1.0, 2.0])  # differences 1, 1, 2
     assert mean == pytest.approx(4 / 3) and se == pytest.approx(np.std([1, 1, 2], ddof=1) / np.sqrt(3))
@@ -120,3 +120,8 @@ def test_paired_gain_and_first_crossing_of_a_gain_curve():
     assert first_crossing([0, 10, 20, 30], [0.0, 0.2, 0.8, 0.3], 0.5) == pytest.approx(15.0)
     assert first_crossing([0, 10, 20], [0.0, 0.2, 0.4], 0.5) is None
     assert first_crossing([0, 10], [0.0, 0.5], 0.5) == pytest.approx(10.0)
+    # Settled: a lucky point at 10 s, back below at 20 s, then up for good between 30 s (0.4) and 40 s (0.6).
+    curve = ([0, 10, 20, 30, 40, 50], [0.0, 0.7, 0.1, 0.4, 0.6, 0.9])
+    assert first_crossing(*curve, 0.5) == pytest.approx(50 / 7)
+    assert settled_crossing(*curve, 0.5) == pytest.approx(35.0)
+    assert settled_crossing([0, 10, 20], [0.0, 0.9, 0.3], 0.5) is None

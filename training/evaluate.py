@@ -142,6 +142,17 @@ def first_crossing(seconds: list[float], gains: list[float], target: float) -> f
     return None
 
 
+def settled_crossing(seconds: list[float], gains: list[float], target: float) -> float | None:
+    """Seconds from which the curve stays at or above `target` to its end (None if it ends below): unlike the first
+    crossing, one lucky early point does not decide it."""
+    if gains[-1] < target:
+        return None
+    i = len(gains) - 1
+    while i > 0 and gains[i - 1] >= target:
+        i -= 1
+    return seconds[0] if i == 0 else first_crossing(seconds[i - 1:], gains[i - 1:], target)
+
+
 def evaluate_models(models: dict[str, tuple[str, str | None]], out: Path, n_heldout: int = 256, n_train: int = 0,
                     steps: int = 20, guidance: float = 5.0, grid_rows: int = 8) -> dict:
     """Generate the same prompts x seeds with every model (the first is the baseline), rate, compare, report.
