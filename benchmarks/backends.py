@@ -3,8 +3,9 @@
     python benchmarks/backends.py [--model models/spo-tiny] [--repeats 20]
 
 Prints the UNet call time at batch 1/2/4/8 (the UNet batch, i.e. CFG-doubled images) for both backends and their
-ratio, then end-to-end images/s of the pipeline (20 DDIM steps, CFG 5) at 1/2/4/8 images per call for torch,
-onnxruntime, and onnxruntime with the VAE decoder on it too (`compile_vae_decoder`), with the ratios to torch.
+ratio, the VAE decoder's call time at 1/2/4/8 images on both, then end-to-end images/s of the pipeline (20 DDIM
+steps, CFG 5) at 1/2/4/8 images per call for torch, onnxruntime, and onnxruntime with the VAE decoder on it too
+(`compile_vae_decoder`), with the ratios to torch.
 """
 
 from __future__ import annotations
@@ -77,6 +78,23 @@ def main() -> None:
             rows.append({"batch": batch, "torch_ms": 1e3 * t_torch, "ort_ms": 1e3 * t_ort, "speedup": t_torch / t_ort})
             print(f"{batch:>10} | {1e3 * t_torch:>9.2f} | {1e3 * t_ort:>14.2f} | {t_torch / t_ort:>7.2f}x")
 
+        decoder_rows = []
+        print(f"\n{'VAE decoder images':>18} | {'torch ms':>9} | {'onnxruntime ms':>14} | {'speed-up':>8}")
+        for batch in (1, 2, 4, 8):
+            z = torch.randn(batch, torch_decoder.conv_in.in_channels, *hw, generator=torch.Generator().manual_seed(0))
+
+            def decode_torch(z=z):
+                with torch.inference_mode():
+                    torch_decoder(z)
+
+            def decode_ort(z=z):
+                ort_decoder(z)
+
+            t_torch, t_ort = time_calls(decode_torch, args.repeats), time_calls(decode_ort, args.repeats)
+            decoder_rows.append({"batch": batch, "torch_ms": 1e3 * t_torch, "ort_ms": 1e3 * t_ort,
+                                 "speedup": t_torch / t_ort})
+            print(f"{batch:>18} | {1e3 * t_torch:>9.2f} | {1e3 * t_ort:>14.2f} | {t_torch / t_ort:>7.2f}x")
+
         # End to end, interleaved (torch, onnxruntime, torch, ...) so a slow spell on a shared machine hits both.
         e2e = []
         for n in args.images:
@@ -104,7 +122,8 @@ def main() -> None:
             print(f"{row['images']:>11} | {row['torch_img_s']:>11.2f} | {row['ort_img_s']:>17.2f} | "
                   f"{row['speedup']:>7.2f}x | {row['ort_vae_img_s']:>21.2f} | {row['speedup_with_vae']:>7.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"unet": rows, "end_to_end": e2e}, indent=2))
+        Path(args.json).write_text(json.dumps({"unet": rows, "vae_decoder": decoder_rows, "end_to_end": e2e},
+                                              indent=2))
 
 
 if __name__ == "__main__":
