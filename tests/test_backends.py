@@ -263,3 +263,20 @@ def test_spo_export_prebuilds_the_vae_decoder_when_the_manifest_asks(smoke_model
     assert {p.name for p in out.iterdir()} >= {"unet.onnx", "unet.meta.json", "vae_decoder.onnx",
                                                "vae_decoder.meta.json"}
     assert len(list((cache / "onnx-vae-decoder").iterdir())) == 1  # in the cache, where the worker looks
+
+
+@pytest.mark.slow  # inductor compiles the UNet and the decoder with the C++ backend: ~3 minutes on 2 CPU cores
+def test_compile_backend_matches_eager_for_unet_and_vae_decoder(smoke_model):
+    pipe = load_pipeline(str(smoke_model))
+    spec = _spec(smoke_model, "sd15", backend="compile").model_copy(update={"compile_vae_decoder": True})
+    backend = get_backend("compile")
+    unet, decoder = backend.prepare(pipe, spec), backend.prepare_vae_decoder(pipe, spec)
+    assert unet is not pipe.unet and decoder is not pipe.vae.decoder
+    x = example_inputs(ShapeProfile(1, 2, 2, ((8, 8),), text_len=pipe.tokenizer.model_max_length,
+                                     text_dim=pipe.unet.config.cross_attention_dim), 2, (8, 8), torch.float32)
+    z = torch.randn(2, pipe.vae.decoder.conv_in.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pipe.unet(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"]).sample
+        got = unet(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"]).sample
+        assert (got - ref).abs().max().item() <= 1e-4
+        assert (decoder(z) - pipe.vae.decoder(z)).abs().max().item() <= 1e-4
