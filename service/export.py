@@ -79,12 +79,12 @@ def export(model: str, backend: str, *, manifest_path: Path | None = None, out: 
     if backend == "onnx":
         from .artifacts import ArtifactCache
 
-        path, _ = ensure_onnx(pipe, spec, ArtifactCache(cache), fp16)
+        artifacts = ArtifactCache(cache)
+        path, _ = ensure_onnx(pipe, spec, artifacts, fp16)
         if spec.compile_vae_decoder:  # the worker will want the decoder too: build it now as well
             from .backends.ort import ensure_onnx_vae_decoder
 
-            decoder_path, _ = ensure_onnx_vae_decoder(pipe, spec, ArtifactCache(cache))
-            _copy_out(decoder_path, out)
+            _copy_out(ensure_onnx_vae_decoder(pipe, spec, artifacts)[0], out)
     else:
         from .backends.trt import TensorRTBackend
 

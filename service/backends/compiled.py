@@ -31,12 +31,16 @@ class CompileBackend(UNetBackend):
         cuda = torch.device(spec.device).type == "cuda"
         if cuda:
             unet.to(memory_format=torch.channels_last)
-        mode = self.mode or ("max-autotune-no-cudagraphs" if cuda else "default")
+        mode = self.mode_for(spec)
         log.info("torch.compile(unet, mode=%s): the first call of each new shape recompiles", mode)
         return torch.compile(unet, mode=mode, fullgraph=False)
 
     def prepare_vae_decoder(self, pipe: Any, spec: ModelSpec) -> Any:
-        return torch.compile(pipe.vae.decoder.eval().requires_grad_(False), mode=self.mode or "default")
+        return torch.compile(pipe.vae.decoder.eval().requires_grad_(False), mode=self.mode_for(spec))
+
+    def mode_for(self, spec: ModelSpec) -> str:
+        """SPO_COMPILE_MODE, else autotuned kernels on GPUs (no CUDA graphs: shapes vary) and the default on CPU."""
+        return self.mode or ("max-autotune-no-cudagraphs" if torch.device(spec.device).type == "cuda" else "default")
 
     def describe(self) -> str:
         return f"torch.compile {torch.__version__}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,42 +99,39 @@ def unet_profile_of(pipe: Any, spec: ModelSpec) -> ShapeProfile:
 
 def ensure_onnx(pipe: Any, spec: ModelSpec, cache: ArtifactCache, fp16: bool) -> tuple[Path, ArtifactKey]:
     """The cached ONNX export of this pipeline's (fused) UNet for this profile; exported on a miss."""
-    import onnx
-
     profile = unet_profile_of(pipe, spec)
-    key = ArtifactKey(weights=weights_digest(pipe.unet.state_dict()), backend="onnx", backend_version=onnx.__version__,
-                      device="any", profile=profile,
-                      options={"fp16": fp16, "opset": OPSET, "torch": torch.__version__.split("+")[0]})
-    hit = cache.lookup(key)
-    if hit is not None:
-        log.info("ONNX cache hit %s", hit)
-        return hit / "unet.onnx", key
-    with cache.building(key) as scratch:
-        export_unet(pipe.unet, scratch / "unet.onnx", profile, fp16=fp16)
-    log.info("ONNX exported to %s", cache.path(key))
-    return cache.path(key) / "unet.onnx", key
+    return _cached_export(cache, pipe.unet, "onnx", profile, fp16, "unet.onnx",
+                          lambda path: export_unet(pipe.unet, path, profile, fp16=fp16))
 
 
 def ensure_onnx_vae_decoder(pipe: Any, spec: ModelSpec, cache: ArtifactCache) -> tuple[Path, ArtifactKey]:
     """The cached ONNX export of this pipeline's VAE decoder; exported on a miss."""
-    import onnx
-
     decoder = pipe.vae.decoder
     # The pipeline decodes all images of a call at once: batch 1..max_n, the UNet profile's latent sizes.
     profile = replace(unet_profile_of(pipe, spec), min_batch=1, opt_batch=1, max_batch=spec.max_n, text_len=0,
                       text_dim=0, sdxl=False, pooled_dim=0)
     # SDXL's VAE overflows in fp16 (config.force_upcast; the pipeline upcasts it to fp32 to decode): keep fp32.
     fp16 = next(decoder.parameters()).dtype == torch.float16 and not getattr(pipe.vae.config, "force_upcast", False)
-    key = ArtifactKey(weights=weights_digest(decoder.state_dict()), backend="onnx-vae-decoder",
-                      backend_version=onnx.__version__, device="any", profile=profile,
+    return _cached_export(cache, decoder, "onnx-vae-decoder", profile, fp16, "vae_decoder.onnx",
+                          lambda path: export_vae_decoder(decoder, path, profile.latent_sizes[0], fp16=fp16))
+
+
+def _cached_export(cache: ArtifactCache, module: torch.nn.Module, backend: str, profile: ShapeProfile, fp16: bool,
+                   filename: str, export: Callable[[Path], Path]) -> tuple[Path, ArtifactKey]:
+    """The cache entry keyed by `module`'s weights, the exporter's versions and the profile; `export` on a miss."""
+    import onnx
+
+    key = ArtifactKey(weights=weights_digest(module.state_dict()), backend=backend, backend_version=onnx.__version__,
+                      device="any", profile=profile,
                       options={"fp16": fp16, "opset": OPSET, "torch": torch.__version__.split("+")[0]})
     hit = cache.lookup(key)
     if hit is not None:
-        return hit / "vae_decoder.onnx", key
+        log.info("ONNX cache hit %s", hit)
+        return hit / filename, key
     with cache.building(key) as scratch:
-        export_vae_decoder(decoder, scratch / "vae_decoder.onnx", profile.latent_sizes[0], fp16=fp16)
-    log.info("VAE decoder exported to %s", cache.path(key))
-    return cache.path(key) / "vae_decoder.onnx", key
+        export(scratch / filename)
+    log.info("ONNX exported to %s", cache.path(key))
+    return cache.path(key) / filename, key
 
 
 class OnnxRuntimeBackend(UNetBackend):
