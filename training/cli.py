@@ -76,20 +76,34 @@ def _cmd_eval_base(args, parser) -> int:
     return 0
 
 
+def _check_label_flags(args, parser) -> None:
+    if args.temperature < 0:
+        parser.error(f"argument --temperature: must be >= 0, got {args.temperature}")
+    if args.tie_rate < 0:
+        parser.error(f"argument --tie-rate: must be >= 0, got {args.tie_rate}")
+
+
 def _cmd_data_pairs(args, parser) -> int:
     from .preference_data import write_pairs
 
     if not (Path(args.model) / "model_index.json").is_file():
         parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r} (model_index.json missing)")
-    if args.temperature < 0:
-        parser.error(f"argument --temperature: must be >= 0, got {args.temperature}")
+    _check_label_flags(args, parser)
     if any(g < 0 for g in args.guidance):
         parser.error(f"argument --guidance: scales must be >= 0, got {args.guidance}")
-    if args.tie_rate < 0:
-        parser.error(f"argument --tie-rate: must be >= 0, got {args.tie_rate}")
     summary = write_pairs(args.model, args.out, args.n, temperature=args.temperature, seed=args.seed,
                           split=args.split, tie_rate=args.tie_rate, steps=args.steps, guidance=args.guidance,
                           batch=args.batch, device=args.device)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_data_renders(args, parser) -> int:
+    from .render_pairs import write_render_pairs
+
+    _check_label_flags(args, parser)
+    summary = write_render_pairs(args.out, args.n, temperature=args.temperature, seed=args.seed, split=args.split,
+                                 tie_rate=args.tie_rate)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -121,7 +135,7 @@ def _cmd_train_spm(args, parser) -> int:
     out = train_spm(args.data, args.model, args.out, args.preset, init=args.init, tokenizer=args.tokenizer,
                     eval_data=args.eval_data, time_conditioning=not args.no_time_conditioning, seed=args.seed,
                     resume=args.resume, stop_after=args.stop_after, overrides=overrides,
-                    max_minutes=args.max_minutes)
+                    max_minutes=args.max_minutes, clean_images=args.clean_images)
     print(f"saved the step-aware preference model to {out}")
     return 0
 
@@ -215,17 +229,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
                    help="which (colour, shape, background) combinations to draw from")
     p.set_defaults(func=_cmd_data_shapes, _parser=p)
+    def pair_flags(p: argparse.ArgumentParser) -> None:
+        """What every writer of labelled pairs takes."""
+        p.add_argument("--n", type=positive_int, required=True, help="number of pairs")
+        p.add_argument("--out", required=True, help="folder for the parquet shards (an interrupted run resumes)")
+        p.add_argument("--temperature", type=float, default=0.005,
+                       help="Bradley-Terry temperature T: P(image_0 wins) = sigmoid((total_0 - total_1) / T); "
+                            "0 = noiseless")
+        p.add_argument("--tie-rate", type=float, default=0.0, help="Davidson tie parameter nu (0: no ties)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
+                       help="which (colour, shape, background) combinations the prompts come from")
+
     p = data.add_parser("pairs", help="write Pick-a-Pic-format preference pairs from a model's own generations")
     p.add_argument("--model", default="models/spo-tiny", help="diffusers pipeline folder that generates the images")
-    p.add_argument("--n", type=positive_int, required=True, help="number of pairs")
-    p.add_argument("--out", required=True, help="folder for the parquet shards (an interrupted run resumes)")
-    p.add_argument("--temperature", type=float, default=0.005,
-                   help="Bradley-Terry temperature T: P(image_0 wins) = sigmoid((total_0 - total_1) / T); "
-                        "0 = noiseless")
-    p.add_argument("--tie-rate", type=float, default=0.0, help="Davidson tie parameter nu (0: no ties)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
-                   help="which (colour, shape, background) combinations the prompts come from")
+    pair_flags(p)
     p.add_argument("--steps", type=_int_list, default=(20,),
                    help="DDIM steps, or a comma list from which each image draws its own (e.g. 4,6,8,12,20)")
     p.add_argument("--guidance", type=_float_list, default=(5.0,),
@@ -233,6 +251,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=32, help="pairs per pipeline call")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_data_pairs, _parser=p)
+    p = data.add_parser("renders", help="write generic preference pairs: shapes-world renders with drawn defects, "
+                                        "labelled by the rater (the toy's Pick-a-Pic, to pre-train the SPM's CLIP)")
+    pair_flags(p)
+    p.set_defaults(func=_cmd_data_renders, _parser=p)
 
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True)
     p = train.add_parser("base", help="train spo-tiny (or its SDXL twin) from scratch on the shapes world")
@@ -251,6 +273,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder when --init has none (PickScore_v1)")
     p.add_argument("--eval-data", default=None, help="pairs for periodic evaluation (tiny: generated when omitted)")
     p.add_argument("--no-time-conditioning", action="store_true", help="ablation: a plain CLIP scorer, t ignored")
+    p.add_argument("--clean-images", action="store_true",
+                   help="score the pairs' images as they are (t = 0, no diffusion pass): PickScore's own training, "
+                        "the stage an SPM starts from with --init")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     p.add_argument("--stop-after", type=positive_int, default=None, help="stop (with a checkpoint) after N steps")

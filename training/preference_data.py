@@ -451,15 +451,17 @@ def _schema():
 
 def _row(g: GeneratedPair, temperature: float, tie_rate: float, model_name: str, per_prompt: int) -> dict:
     p = g.plan
+
+    def made_by(guidance: float, steps: int) -> str:  # renders have no CFG scale or step count
+        return f"{model_name}@cfg{guidance:g}@{steps}steps" if steps else model_name
+
     label_0, label_1 = bradley_terry_labels(g.total_0, g.total_1, temperature, p.u_label, tie_rate)
-    uid_0 = f"{model_name}-cfg{p.guidance_0:g}-steps{p.steps_0}-seed{p.seed_0}"
-    uid_1 = f"{model_name}-cfg{p.guidance_1:g}-steps{p.steps_1}-seed{p.seed_1}"
+    model_0, model_1 = made_by(p.guidance_0, p.steps_0), made_by(p.guidance_1, p.steps_1)
+    uid_0, uid_1 = f"{model_0}@seed{p.seed_0}", f"{model_1}@seed{p.seed_1}"
     best = "" if label_0 == label_1 else uid_0 if label_0 > label_1 else uid_1
     return {"ranking_id": p.index, "caption": p.caption, "jpg_0": encode_png(g.image_0), "jpg_1": encode_png(g.image_1),
             "label_0": label_0, "label_1": label_1, "image_0_uid": uid_0, "image_1_uid": uid_1,
-            "model_0": f"{model_name}@cfg{p.guidance_0:g}@{p.steps_0}steps",
-            "model_1": f"{model_name}@cfg{p.guidance_1:g}@{p.steps_1}steps",
-            "best_image_uid": best, "has_label": True,
+            "model_0": model_0, "model_1": model_1, "best_image_uid": best, "has_label": True,
             "are_different": True, "num_example_per_prompt": per_prompt, "rater_total_0": g.total_0,
             "rater_total_1": g.total_1, "rater_preference": g.reference, "seed_0": p.seed_0, "seed_1": p.seed_1,
             "guidance_0": p.guidance_0, "guidance_1": p.guidance_1, "steps_0": p.steps_0, "steps_1": p.steps_1}
@@ -486,18 +488,36 @@ def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: floa
     skips its finished shards and produces exactly the same data. PNG bytes go in the `jpg_*` columns: JPEG
     artefacts would change what the rater saw on 64x64 images (any format PIL reads is accepted by the reader).
     """
+    from service.pipeline import load_pipeline
+
+    pipe = None
+
+    def make(plans: list[PairPlan]) -> Iterator[GeneratedPair]:
+        nonlocal pipe
+        if pipe is None:  # only when a shard is missing: a finished folder costs no model load
+            pipe = load_pipeline(str(model), device=device)
+        return generate_pairs(pipe, plans, batch=batch, progress=False)
+
+    plans = plan_pairs(n, seed, split, tuple(guidance), tuple(steps))
+    return write_shards(out, plans, make, model_name=Path(model).name, temperature=temperature, tie_rate=tie_rate,
+                        shard_size=shard_size, row_group_size=row_group_size,
+                        record=dict(model=str(model), split=split, seed=seed, steps=list(steps),
+                                    guidance=list(guidance)))
+
+
+def write_shards(out: Path | str, plans: list[PairPlan], make, *, model_name: str, temperature: float,
+                 tie_rate: float, shard_size: int = 4096, row_group_size: int = 256, record: dict | None = None
+                 ) -> dict:
+    """Write the pairs `make(plans_of_a_shard)` yields as labelled parquet shards (finished shards are skipped),
+    then `info.json` (label statistics, speed and `record`) and `preview.png`; returns the summary."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from service.pipeline import load_pipeline
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plans = plan_pairs(n, seed, split, tuple(guidance), tuple(steps))
+    n = len(plans)
     per_prompt = Counter(p.caption for p in plans)
-    model_name = Path(model).name
     n_shards = (n + shard_size - 1) // shard_size
-    pipe = None
     started = time.time()
     generated = 0
     bar = tqdm(total=n, desc="pairs", unit="pair", dynamic_ncols=True)
@@ -507,12 +527,10 @@ def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: floa
         if _complete_shard(path, len(shard_plans)):
             bar.update(len(shard_plans))
             continue
-        if pipe is None:
-            pipe = load_pipeline(str(model), device=device)
         tmp = path.with_suffix(".parquet.tmp")
         with pq.ParquetWriter(tmp, _schema()) as writer:
             rows: list[dict] = []
-            for g in generate_pairs(pipe, shard_plans, batch=batch, progress=False):
+            for g in make(shard_plans):
                 bar.update(1)
                 rows.append(_row(g, temperature, tie_rate, model_name, per_prompt[g.plan.caption]))
                 if len(rows) == row_group_size:
@@ -525,9 +543,8 @@ def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: floa
     bar.close()
     seconds = time.time() - started
     summary = summarise_pairs(out)
-    summary.update(model=str(model), split=split, seed=seed, temperature=temperature, tie_rate=tie_rate,
-                   steps=list(steps), guidance=list(guidance), generated_now=generated, seconds=round(seconds, 1),
-                   pairs_per_second=round(generated / seconds, 3) if generated else None)
+    summary.update(**(record or {}), temperature=temperature, tie_rate=tie_rate, generated_now=generated,
+                   seconds=round(seconds, 1), pairs_per_second=round(generated / seconds, 3) if generated else None)
     (out / "info.json").write_text(json.dumps(summary, indent=2) + "\n")
     _save_preview(out / "preview.png", out)
     return summary

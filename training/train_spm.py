@@ -293,12 +293,14 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
               init: Path | str | None = None, tokenizer: Path | str | None = None,
               eval_data: Path | str | None = None, time_conditioning: bool = True, seed: int = 0,
               resume: bool = False, stop_after: int | None = None, overrides: dict | None = None,
-              max_minutes: float | None = None) -> Path:
+              max_minutes: float | None = None, clean_images: bool = False) -> Path:
     """Train an SPM on the pairs in `data`, noising through the diffusion pipeline `model`; save it at `out`.
 
     `overrides` replaces preset fields (e.g. {"steps": 20}); `stop_after` ends this run after that many steps
     (a checkpoint is written there) so it can be continued with `resume=True`; `max_minutes` is a wall-clock budget
-    after which the model trained so far is saved as the result.
+    after which the model trained so far is saved as the result. `clean_images` scores the pairs' images as they
+    are, at t = 0, without the diffusion model: how PickScore itself was trained, the stage an SPM starts from
+    (`--init`); evaluation still shows the model the step-t images.
     """
     from accelerate import Accelerator
 
@@ -413,7 +415,10 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
             t, noise = draw_t_and_noise(seed, step, idx, step_images.latent_shape, num_t)
             images = to_tensor([q.image_0 for q in pairs] + [q.image_1 for q in pairs])
             captions = [q.caption for q in pairs]
-            x = step_images(images, captions, t, noise)
+            if clean_images:
+                t, x = torch.zeros_like(t), (images + 1.0) / 2.0
+            else:
+                x = step_images(images, captions, t, noise)
             label_0 = torch.tensor([q.label_0 for q in pairs], device=accelerator.device)
             label_1 = torch.tensor([q.label_1 for q in pairs], device=accelerator.device)
             w = weights[idx].to(accelerator.device)
@@ -458,6 +463,7 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
             raw_spm.save_pretrained(out)
             info = {"preset": preset, "seed": seed, "data": str(data), "diffusion_model": str(model),
                     "init": str(init) if init else None, "time_conditioning": time_conditioning,
+                    "clean_images": clean_images,
                     "processes": world, "train_seconds": round(time.time() - started, 1), "config": asdict(p),
                     "steps_done": last_step, "stopped_by_time_budget": out_of_time,
                     "data_stats": {"read": data_set.stats.read, "skipped": dict(data_set.stats.skipped)}}
