@@ -113,13 +113,38 @@ def test_eval_command_writes_the_accuracy_table_and_json(tmp_path, random_pipeli
     assert main(["eval", "spm", "--model", str(spm), "--ablation", str(ablation), "--base-model",
                  str(random_pipeline), "--pairs", "4", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| t | spm | spm (gap >= 0.05) | no-time ablation | no-time ablation (gap >= 0.05) |" in printed
+    assert ("| t | spm | spm (gap >= 0.05) | no-time ablation | no-time ablation (gap >= 0.05) | rater on previews |"
+            in printed)
     assert "| 951 |" in printed
     result = json.loads(out.read_text())
     assert list(result["accuracy"]) == ["0", "251", "501", "751", "951"]
     assert all(0.0 <= a <= 1.0 for a in [*result["accuracy"].values(), *result["ablation_accuracy"].values()])
     assert result["pairs"] + result["rater_ties_left_out"] == 4 and 0 <= result["clear_pairs"] <= result["pairs"]
     assert list(result["accuracy_clear"]) == list(result["ablation_accuracy_clear"]) == list(result["accuracy"])
+    assert list(result["rater_on_previews_accuracy"]["all"]) == list(result["accuracy"])
+
+
+class _CleanPreviews:
+    """Step images that are the clean images themselves (what a perfect denoiser would show at every t)."""
+
+    latent_shape = (4, 8, 8)
+
+    def __call__(self, images, captions, t, noise):
+        return (images + 1.0) / 2.0
+
+
+def test_rater_on_clean_previews_agrees_with_the_reference(tmp_path):
+    from training.preference_data import load_pairs
+    from training.render_pairs import write_render_pairs
+    from training.train_spm import pairwise_correct, rater_on_previews
+
+    write_render_pairs(tmp_path / "renders", 24, temperature=0.0, seed=5)
+    pairs = [p for p in load_pairs(tmp_path / "renders")[0] if p.preference != 0.5]
+    correct = pairwise_correct(rater_on_previews, _CleanPreviews(), pairs, timesteps=(0, 501), batch=5)
+    assert len(pairs) > 20 and all(c.all() for c in correct.values())
+    flipped = [type(p)(p.caption, p.image_1, p.image_0, p.label_1, p.label_0, p.reference, p.reference_gap)
+               for p in pairs]  # images swapped, reference kept: the rater is now wrong on every pair
+    assert not any(c.any() for c in pairwise_correct(rater_on_previews, _CleanPreviews(), flipped).values())
 
 
 def _error(argv, capsys):

@@ -21,6 +21,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from .conditioning import PromptBatch, cfg_eps, encode_prompts
 from .latents import decode_to_unit
 from .preference_data import CLEAR_GAP, PreferenceData, PreferencePair, generate_pairs, load_pairs, plan_pairs
+from .rater import rate
 from .spm import StepAwarePreferenceModel, build_spm
 from .spo import predicted_x0
 
@@ -183,44 +185,50 @@ def preference_loss(scores_0: torch.Tensor, scores_1: torch.Tensor, label_0: tor
 
 # ----------------------------------------------------------------------------------------------------------- eval
 
+Scorer = Callable[[torch.Tensor, list[str], torch.Tensor], torch.Tensor]
+
+
+def rater_on_previews(images: torch.Tensor, captions: list[str], timesteps: torch.Tensor) -> torch.Tensor:
+    """The rater's total on the decoded step-t previews ([images_0; images_1] in [0, 1], one caption per pair): the
+    step-unaware scorer an SPM has to beat (SPO's ablation "plain PickScore as step scorer")."""
+    pixels = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0).round()
+    return torch.tensor([rate(a, c).total for a, c in zip(pixels, list(captions) * 2, strict=True)])
+
+
 @torch.no_grad()
-def pairwise_correct(spm: StepAwarePreferenceModel, step_images: StepImages, pairs: list[PreferencePair],
-                     timesteps: tuple[int, ...] = EVAL_TIMESTEPS, seed: int = 0, batch: int = 32,
-                     progress: bool = False) -> dict[int, np.ndarray]:
-    """Per t, whether the SPM scores the reference's preferred image higher, for each pair (ties must be removed).
+def pairwise_correct(scorer: StepAwarePreferenceModel | Scorer, step_images: StepImages,
+                     pairs: list[PreferencePair], timesteps: tuple[int, ...] = EVAL_TIMESTEPS, seed: int = 0,
+                     batch: int = 32, progress: bool = False) -> dict[int, np.ndarray]:
+    """Per t, whether the scorer (an SPM, or a function like `rater_on_previews`) scores the reference's preferred
+    image higher, for each pair (ties must be removed).
 
     Each pair keeps the same noise at every t, so the columns differ only by how far the image is denoised.
     """
     correct: dict[int, list[bool]] = {t: [] for t in timesteps}
-    was_training = spm.training
-    spm.eval()
+    spm = scorer if isinstance(scorer, StepAwarePreferenceModel) else None
+    was_training = spm is not None and spm.training
+    if spm is not None:
+        spm.eval()
     bar = tqdm(total=len(pairs) * len(timesteps), desc="eval", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(pairs), batch):
         chunk = pairs[start:start + batch]
         images = to_tensor([p.image_0 for p in chunk] + [p.image_1 for p in chunk])
         captions = [p.caption for p in chunk]
         _, noise = draw_t_and_noise(seed, EVAL_SEED, list(range(start, start + len(chunk))), step_images.latent_shape)
-        input_ids = spm.tokenize(captions)
+        input_ids = spm.tokenize(captions) if spm is not None else None
         want = torch.tensor([p.preference > 0.5 for p in chunk])
         for t in timesteps:
             tt = torch.full((len(chunk),), t, dtype=torch.long)
             x = step_images(images, captions, tt, noise)
-            s0, s1 = spm(x.to(spm.device), input_ids, tt.to(spm.device)).float().cpu().chunk(2)
+            scores = (spm(x.to(spm.device), input_ids, tt.to(spm.device)) if spm is not None
+                      else scorer(x, captions, tt))
+            s0, s1 = scores.float().cpu().chunk(2)
             correct[t] += ((s0 > s1) == want).tolist()
             bar.update(len(chunk))
     bar.close()
-    spm.train(was_training)
+    if spm is not None:
+        spm.train(was_training)
     return {t: np.array(v, dtype=bool) for t, v in correct.items()}
-
-
-def pairwise_accuracy(spm: StepAwarePreferenceModel, step_images: StepImages, pairs: list[PreferencePair],
-                      timesteps: tuple[int, ...] = EVAL_TIMESTEPS, seed: int = 0, batch: int = 32,
-                      progress: bool = False) -> dict[str, float | int]:
-    """Fraction of pairs where the SPM at step t prefers the image the reference prefers (ties left out)."""
-    decisive = [p for p in pairs if p.preference != 0.5]
-    correct = pairwise_correct(spm, step_images, decisive, timesteps, seed, batch, progress)
-    return {**{str(t): float(c.mean()) if len(c) else float("nan") for t, c in correct.items()},
-            "pairs": len(decisive), "ties_left_out": len(pairs) - len(decisive)}
 
 
 def heldout_pairs(pipe, n: int, seed: int = 4321, guidance: tuple[float, ...] = (5.0,),
