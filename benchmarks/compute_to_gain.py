@@ -1,7 +1,7 @@
 """Gain versus training compute for fine-tuning runs side by side (SPO vs Diffusion-DPO), one run of this script.
 
     python benchmarks/compute_to_gain.py --base models/spo-tiny --run spo=runs/spo-snap --run dpo=runs/dpo-snap \
-        [--reference spo] [--extra-seconds dpo=783] [--n-heldout 256] [--out DIR]
+        [--reference spo] [--extra-seconds dpo=783] [--n-heldout 256] [--previous OLD_OUT] [--out DIR]
     python benchmarks/compute_to_gain.py --report-only --out DIR      # redo the report from DIR/results.json
 
 Each run is a trainer output folder made with `--snapshot-every N`: its snapshots/ plus the final weights. Every point
@@ -10,8 +10,10 @@ rated; its gain is the mean paired difference of the rater's quality part agains
 compute claim is read off these curves: the training seconds each run needs to reach base + half of the reference
 run's final gain (at the first crossing, and from where the curve stays above: one lucky early point does not
 decide that one; linear between points), and their ratios. `--extra-seconds` adds compute spent
-outside the trainer (e.g. generating and labelling DPO's pairs) to a second column. Writes results.json, report.md and
-gain_vs_compute.png to --out.
+outside the trainer (e.g. generating and labelling DPO's pairs, or training the SPM) to a second column.
+`--previous DIR` adds the curves of an earlier run of this script (checked to have the same base images), so a new
+method can be set against an old baseline without retraining it. Writes results.json (with the final points'
+per-image scores), report.md and gain_vs_compute.png to --out.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def main() -> None:
     parser.add_argument("--n-heldout", type=int, default=256)
     parser.add_argument("--out", default="runs/compute-to-gain")
     parser.add_argument("--report-only", action="store_true", help="redo report.md and the plot from OUT/results.json")
+    parser.add_argument("--previous", default=None, metavar="DIR",
+                        help="also show the runs of an earlier results.json (DIR/results.json) whose base images are "
+                             "the same (checked: equal base quality on the same held-out items)")
     args = parser.parse_args()
 
     from service.pipeline import load_pipeline
@@ -71,7 +76,19 @@ def main() -> None:
         if not sep or not (Path(folder) / "train_info.json").is_file():
             parser.error(f"argument --run: expected NAME=DIR of a finished trainer output, got {spec!r}")
         runs[name] = run_points(Path(folder))
-    names = list(results["runs"]) if results else list(runs)
+    previous = None
+    if args.previous:
+        prev_path = Path(args.previous) / "results.json"
+        if not prev_path.is_file():
+            parser.error(f"argument --previous: no results.json in {args.previous!r}")
+        previous = json.loads(prev_path.read_text())
+        if previous["base"] != args.base or previous["n_heldout"] != args.n_heldout:
+            parser.error(f"argument --previous: {prev_path} was made with --base {previous['base']} and "
+                         f"--n-heldout {previous['n_heldout']}; use the same")
+        clash = sorted(set(previous["runs"]) & set(runs))
+        if clash:
+            parser.error(f"argument --previous: run names {clash} are in {prev_path} too; rename them")
+    names = list(results["runs"]) if results else list(runs) + list(previous["runs"] if previous else [])
     if not names:
         parser.error("argument --run: give at least one NAME=DIR (or --report-only with OUT/results.json)")
     reference = args.reference or (results["reference"] if results else names[0])
@@ -92,6 +109,12 @@ def main() -> None:
     _, base_records = generate_and_rate(load_pipeline(args.base), items, desc="base")
     base_q = [r["quality"] for r in base_records]
     base_a = float(np.mean([r["alignment"] for r in base_records]))
+    # Same items, same base weights: the base images must come out the same, or the old curves do not apply. Another
+    # thread count may round a few pixels differently; 1e-4 is far below the gains' standard errors (~2e-3).
+    base_shift = float(np.mean(base_q)) - previous["base_quality"] if previous is not None else 0.0
+    if abs(base_shift) > 1e-4:
+        sys.exit(f"--previous: base quality {np.mean(base_q):.6f} differs from {previous['base_quality']:.6f} "
+                 f"in {args.previous}: the base images changed, rerun those runs instead")
     quality = {}  # (run, step) -> per-image quality, for head-to-head comparisons
     for name, points in runs.items():
         for point in points:
@@ -106,12 +129,21 @@ def main() -> None:
         points.insert(0, {"step": 0, "seconds": 0.0, "lora": None, "gain": 0.0, "gain_se": 0.0,
                           "quality": float(np.mean(base_q)), "alignment": base_a})
 
-    head_to_head = {f"{a} vs {b}": win_rate(quality[a, runs[a][-1]["step"]], quality[b, runs[b][-1]["step"]])
-                    for i, a in enumerate(names) for b in names[i + 1:]}
+    final_quality = {name: quality[name, points[-1]["step"]] for name, points in runs.items()}
+    if previous is not None:
+        runs.update(previous["runs"])
+        final_quality.update(previous.get("final_quality", {}))
+        extra = {**previous.get("extra_seconds", {}), **extra}
+    with_images = [n for n in names if n in final_quality]  # older results.json files kept no per-image scores
+    head_to_head = {f"{a} vs {b}": win_rate(final_quality[a], final_quality[b])
+                    for i, a in enumerate(with_images) for b in with_images[i + 1:]}
+    if previous is not None:
+        head_to_head = {**previous["head_to_head_quality"], **head_to_head}
     out.mkdir(parents=True, exist_ok=True)
     results = {"base": args.base, "n_heldout": args.n_heldout, "reference": reference, "extra_seconds": extra,
                "base_quality": float(np.mean(base_q)), "base_alignment": base_a, "runs": runs,
-               "head_to_head_quality": head_to_head}
+               "head_to_head_quality": head_to_head, "final_quality": final_quality,
+               "previous": args.previous, "previous_base_quality_shift": base_shift}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     write_report(results, out)
 
