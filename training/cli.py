@@ -269,7 +269,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the diffusion pipeline whose x0 predictions the SPM sees")
     p.add_argument("--out", default="runs/spm")
     p.add_argument("--preset", default="tiny", help="tiny | sd15 | sdxl")
-    p.add_argument("--init", default=None, help="CLIP / PickScore checkpoint folder to start from (sd15/sdxl)")
+    p.add_argument("--init", default=None,
+                   help="CLIP / PickScore checkpoint folder to start from (sd15/sdxl: PickScore_v1; "
+                        "tiny: a --clean-images run)")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder when --init has none (PickScore_v1)")
     p.add_argument("--eval-data", default=None, help="pairs for periodic evaluation (tiny: generated when omitted)")
     p.add_argument("--no-time-conditioning", action="store_true", help="ablation: a plain CLIP scorer, t ignored")

@@ -555,7 +555,7 @@ def summarise_pairs(root: Path | str) -> dict:
     import pyarrow.parquet as pq
 
     cols = ["label_0", "rater_total_0", "rater_total_1", "rater_preference"]
-    tables = [pq.read_table(p, columns=cols) for p in sorted(Path(root).glob("*.parquet"))]
+    tables = [pq.read_table(p, columns=cols) for p in sorted(Path(root).rglob("*.parquet"))]
     label = np.concatenate([t.column("label_0").to_numpy() for t in tables])
     t0 = np.concatenate([t.column("rater_total_0").to_numpy() for t in tables])
     t1 = np.concatenate([t.column("rater_total_1").to_numpy() for t in tables])

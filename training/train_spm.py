@@ -71,11 +71,10 @@ PRESETS: dict[str, SPMPreset] = {
                       steps=8000, gradient_checkpointing=True),
     "sdxl": SPMPreset(clip="vit-h-14", batch_size=64, micro_batch=16, lr=1e-6, weight_decay=0.3, warmup=500,
                       steps=7000, gradient_checkpointing=True),
-    # The shapes world on CPU: a tiny CLIP trained from scratch, so a larger learning rate and a milder decay.
-    # Issue 5: on spo-tiny pairs this stays at loss ln 2. Not a bug (the model and loss learn clear preferences, see
-    # tests/test_spm_learning.py): ~94% of the pairs differ only in subtle quality (mostly outline regularity),
-    # which the VAE round trip already blurs (the rater itself reads only 78% of the preferences back from the t = 0
-    # reconstructions, ~50% from t >= 251), and a from-scratch tower does not pick it up even from clean images.
+    # The shapes world on CPU: a tiny CLIP, so a larger learning rate and a milder decay. From scratch on spo-tiny's
+    # pairs it stays near loss ln 2 (issue 5: most pairs differ in details spo-tiny's VAE round trip erases; the rater
+    # reads back 78% of its own preferences from t = 0 reconstructions). Start it like the paper's SPM starts from
+    # PickScore: `spo data renders` + `--clean-images`, then `--init` (models/spo-tiny-spm/README.md).
     "tiny": SPMPreset(clip="tiny", batch_size=32, micro_batch=32, lr=5e-4, weight_decay=0.05, warmup=200,
                       steps=4000, eval_every=500, eval_pairs=300, save_every=250),
 }
