@@ -83,6 +83,19 @@ def _check_label_flags(args, parser) -> None:
         parser.error(f"argument --tie-rate: must be >= 0, got {args.tie_rate}")
 
 
+def _pair_flags(p: argparse.ArgumentParser) -> None:
+    """What every writer of labelled pairs takes."""
+    p.add_argument("--n", type=positive_int, required=True, help="number of pairs")
+    p.add_argument("--out", required=True, help="folder for the parquet shards (an interrupted run resumes)")
+    p.add_argument("--temperature", type=float, default=0.005,
+                   help="Bradley-Terry temperature T: P(image_0 wins) = sigmoid((total_0 - total_1) / T); "
+                        "0 = noiseless")
+    p.add_argument("--tie-rate", type=float, default=0.0, help="Davidson tie parameter nu (0: no ties)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
+                   help="which (colour, shape, background) combinations the prompts come from")
+
+
 def _cmd_data_pairs(args, parser) -> int:
     from .preference_data import write_pairs
 
@@ -229,21 +242,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
                    help="which (colour, shape, background) combinations to draw from")
     p.set_defaults(func=_cmd_data_shapes, _parser=p)
-    def pair_flags(p: argparse.ArgumentParser) -> None:
-        """What every writer of labelled pairs takes."""
-        p.add_argument("--n", type=positive_int, required=True, help="number of pairs")
-        p.add_argument("--out", required=True, help="folder for the parquet shards (an interrupted run resumes)")
-        p.add_argument("--temperature", type=float, default=0.005,
-                       help="Bradley-Terry temperature T: P(image_0 wins) = sigmoid((total_0 - total_1) / T); "
-                            "0 = noiseless")
-        p.add_argument("--tie-rate", type=float, default=0.0, help="Davidson tie parameter nu (0: no ties)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
-                       help="which (colour, shape, background) combinations the prompts come from")
-
     p = data.add_parser("pairs", help="write Pick-a-Pic-format preference pairs from a model's own generations")
     p.add_argument("--model", default="models/spo-tiny", help="diffusers pipeline folder that generates the images")
-    pair_flags(p)
+    _pair_flags(p)
     p.add_argument("--steps", type=_int_list, default=(20,),
                    help="DDIM steps, or a comma list from which each image draws its own (e.g. 4,6,8,12,20)")
     p.add_argument("--guidance", type=_float_list, default=(5.0,),
@@ -253,7 +254,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_data_pairs, _parser=p)
     p = data.add_parser("renders", help="write generic preference pairs: shapes-world renders with drawn defects, "
                                         "labelled by the rater (the toy's Pick-a-Pic, to pre-train the SPM's CLIP)")
-    pair_flags(p)
+    _pair_flags(p)
     p.set_defaults(func=_cmd_data_renders, _parser=p)
 
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True)

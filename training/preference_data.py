@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -397,6 +397,11 @@ class GeneratedPair:
     total_0: float
     total_1: float
 
+    @classmethod
+    def rated(cls, plan: PairPlan, image_0: np.ndarray, image_1: np.ndarray) -> GeneratedPair:
+        """The pair with both images rated against the plan's caption: how every toy pair gets its totals."""
+        return cls(plan, image_0, image_1, rate(image_0, plan.caption).total, rate(image_1, plan.caption).total)
+
     @property
     def reference(self) -> float:
         return noiseless_preference(self.total_0, self.total_1)
@@ -428,7 +433,7 @@ def generate_pairs(pipe, plans: list[PairPlan], *, batch: int = 32,
                 images[i] = image
         for k, plan in enumerate(chunk):
             a, b = images[2 * k], images[2 * k + 1]
-            yield GeneratedPair(plan, a, b, rate(a, plan.caption).total, rate(b, plan.caption).total)
+            yield GeneratedPair.rated(plan, a, b)
         bar.update(len(chunk))
     bar.close()
 
@@ -505,7 +510,8 @@ def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: floa
                                     guidance=list(guidance)))
 
 
-def write_shards(out: Path | str, plans: list[PairPlan], make, *, model_name: str, temperature: float,
+def write_shards(out: Path | str, plans: list[PairPlan], make: Callable[[list[PairPlan]], Iterator[GeneratedPair]],
+                 *, model_name: str, temperature: float,
                  tie_rate: float, shard_size: int = 4096, row_group_size: int = 256, record: dict | None = None
                  ) -> dict:
     """Write the pairs `make(plans_of_a_shard)` yields as labelled parquet shards (finished shards are skipped),

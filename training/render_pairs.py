@@ -103,12 +103,9 @@ def render_with_defects(caption: str, seed: int, defects: Defects | None = None)
 
 def render_pairs(plans: list[PairPlan]) -> Iterator[GeneratedPair]:
     """Both images of each planned pair (the plan's two seeds drive scene and defects), rated by the rater."""
-    from .rater import rate
-
     for plan in plans:
-        a, _ = render_with_defects(plan.caption, plan.seed_0)
-        b, _ = render_with_defects(plan.caption, plan.seed_1)
-        yield GeneratedPair(plan, a, b, rate(a, plan.caption).total, rate(b, plan.caption).total)
+        yield GeneratedPair.rated(plan, render_with_defects(plan.caption, plan.seed_0)[0],
+                                  render_with_defects(plan.caption, plan.seed_1)[0])
 
 
 def plan_render_pairs(n: int, seed: int = 0, split: str = "train") -> list[PairPlan]:
