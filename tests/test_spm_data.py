@@ -174,3 +174,33 @@ def test_write_pairs_from_a_model_resumes_and_reads_back(tmp_path, random_pipeli
     assert again["generated_now"] == 4 and shards[1].read_bytes() == before
     assert pq.read_table(shards[0]).equals(table)
     assert summarise_pairs(out)["pairs"] == 6
+
+
+def test_generate_pairs_fills_calls_across_mixed_settings_and_keeps_plan_order(monkeypatch):
+    """With many (CFG, steps) settings, one call per setting for the whole window, not a few images per call;
+    every image still goes to its own pair and slot."""
+    import service.pipeline
+    from training.preference_data import generate_pairs
+
+    calls = []
+
+    def fake_generate(pipe, requests, *, steps, guidance, width, height):
+        calls.append((guidance, steps, len(requests)))
+        return [np.full((width, height, 3), (r.seed % 251, steps, int(guidance * 10)), dtype=np.uint8)
+                for r in requests]
+
+    class Pipe:  # what generate_pairs reads of a pipeline
+        unet = type("U", (), {"config": type("C", (), {"sample_size": 2})()})()
+        vae_scale_factor = 4
+
+    monkeypatch.setattr(service.pipeline, "generate", fake_generate)
+    plans = plan_pairs(48, seed=5, guidance=(1.5, 5.0), steps=(4, 8, 20))
+    pairs = list(generate_pairs(Pipe(), plans, batch=4, progress=False))
+    assert [g.plan for g in pairs] == plans
+    for g in pairs:
+        p = g.plan
+        assert tuple(g.image_0[0, 0]) == (p.seed_0 % 251, p.steps_0, int(p.guidance_0 * 10))
+        assert tuple(g.image_1[0, 0]) == (p.seed_1 % 251, p.steps_1, int(p.guidance_1 * 10))
+    settings = {(p.guidance_0, p.steps_0) for p in plans} | {(p.guidance_1, p.steps_1) for p in plans}
+    assert len(settings) == 6 and sum(n for *_, n in calls) == 96
+    assert len(calls) <= 96 // 8 + len(settings)  # calls of up to 2 x batch images, at most one partial per setting

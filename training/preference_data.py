@@ -414,27 +414,35 @@ class GeneratedPair:
 
 def generate_pairs(pipe, plans: list[PairPlan], *, batch: int = 32,
                    progress: bool = True) -> Iterator[GeneratedPair]:
-    """Both images of each planned pair, batched through `service.pipeline.generate` (one call per `batch` pairs,
-    CFG scale and step count, per-image seeds), then rated."""
+    """Both images of each planned pair through `service.pipeline.generate` (per-image seeds, so an image does not
+    depend on its batch), rated, in plan order.
+
+    CFG scale and step count are pipeline-wide, so each call makes the images of one setting. With mixed settings
+    (20 of them for `--steps 4,6,8,12,20 --guidance 1.5,3,5,7.5`) the pairs are gathered in windows of `batch` pairs
+    per setting, which keeps calls near 2 x `batch` images instead of a few.
+    """
     from service.pipeline import ImageRequest, generate
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    settings = {(p.guidance_0, p.steps_0) for p in plans} | {(p.guidance_1, p.steps_1) for p in plans}
+    window = batch * max(1, min(len(settings), 32))
     bar = tqdm(total=len(plans), desc="pairs", unit="pair", dynamic_ncols=True, disable=not progress)
-    for start in range(0, len(plans), batch):
-        chunk = plans[start:start + batch]
+    for start in range(0, len(plans), window):
+        chunk = plans[start:start + window]
         wanted = [(p.caption, s, (g, n)) for p in chunk
                   for s, g, n in ((p.seed_0, p.guidance_0, p.steps_0), (p.seed_1, p.guidance_1, p.steps_1))]
         images: list[np.ndarray | None] = [None] * len(wanted)
-        for scale, count in sorted({w[2] for w in wanted}):  # guidance and steps are pipeline-wide: one call each
-            idx = [i for i, w in enumerate(wanted) if w[2] == (scale, count)]
-            out = generate(pipe, [ImageRequest(wanted[i][0], wanted[i][1]) for i in idx], steps=count,
-                           guidance=scale, width=size, height=size)
-            for i, image in zip(idx, out, strict=True):
-                images[i] = image
+        for scale, count in sorted({w[2] for w in wanted}):
+            same = [i for i, w in enumerate(wanted) if w[2] == (scale, count)]
+            for k in range(0, len(same), 2 * batch):
+                idx = same[k:k + 2 * batch]
+                out = generate(pipe, [ImageRequest(wanted[i][0], wanted[i][1]) for i in idx], steps=count,
+                               guidance=scale, width=size, height=size)
+                for i, image in zip(idx, out, strict=True):
+                    images[i] = image
         for k, plan in enumerate(chunk):
-            a, b = images[2 * k], images[2 * k + 1]
-            yield GeneratedPair.rated(plan, a, b)
-        bar.update(len(chunk))
+            yield GeneratedPair.rated(plan, images[2 * k], images[2 * k + 1])
+            bar.update(1)
     bar.close()
 
 
