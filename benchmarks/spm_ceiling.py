@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 
 from service.pipeline import load_pipeline  # noqa: E402
+from training.cli import _float_list, _int_list, _number_list  # noqa: E402
 from training.conditioning import cfg_eps  # noqa: E402
 from training.latents import decode_to_uint8, decode_to_unit  # noqa: E402
 from training.preference_data import CLEAR_GAP, plan_pairs  # noqa: E402
@@ -43,10 +44,6 @@ from training.rater import rate  # noqa: E402
 from training.spm import StepAwarePreferenceModel  # noqa: E402
 from training.spo import ddim_step, predicted_x0  # noqa: E402
 from training.train_spm import EVAL_SEED, EVAL_TIMESTEPS, StepImages, draw_t_and_noise, rater_on_previews  # noqa: E402
-
-
-def parse_floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
 
 
 @torch.no_grad()
@@ -98,20 +95,20 @@ def main() -> None:
     parser.add_argument("--completions", type=int, default=4, help="finishes per noised latent; 0: no such column")
     parser.add_argument("--spm", action="append", default=[], metavar="DIR",
                         help="also score both kinds of previews with this SPM (repeatable)")
-    parser.add_argument("--guidance", default="1.5,3,5,7.5", help="as given to `spo eval spm --guidance`")
-    parser.add_argument("--steps", default="4,6,8,12,20", help="as given to `spo eval spm --steps`")
+    parser.add_argument("--guidance", type=_float_list, default=(1.5, 3.0, 5.0, 7.5),
+                        help="as given to `spo eval spm --guidance`")
+    parser.add_argument("--steps", type=_int_list, default=(4, 6, 8, 12, 20), help="as given to `spo eval spm --steps`")
     parser.add_argument("--seed", type=int, default=4321, help="`spo eval spm`'s seed: the same pairs and noise")
     parser.add_argument("--completion-settings", choices=["fixed", "own"], default="fixed",
                         help="finish at CFG 5 / 20 steps (fixed), or with each image's own CFG and step count")
-    parser.add_argument("--timesteps", default=",".join(map(str, EVAL_TIMESTEPS)))
+    parser.add_argument("--timesteps", type=_number_list(int, "timesteps", minimum=0), default=EVAL_TIMESTEPS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     start = time.perf_counter()
     pipe = load_pipeline(args.model)
     step_images = StepImages(pipe)
-    plans = plan_pairs(args.pairs, args.seed, "heldout", parse_floats(args.guidance),
-                       tuple(int(v) for v in args.steps.split(",")))
+    plans = plan_pairs(args.pairs, args.seed, "heldout", args.guidance, args.steps)
     n = len(plans)
     latents, settings = own_latents(pipe, plans)
     captions = [p.caption for p in plans] * 2
@@ -138,7 +135,7 @@ def main() -> None:
         names.append(f"completions ({args.completion_settings} settings)")
     rows = []
     print("| t | " + " | ".join(names) + " |  (all / clear)\n" + "|---" * (len(names) + 1) + "|", flush=True)
-    for t in (int(v) for v in args.timesteps.split(",")):
+    for t in args.timesteps:
         tt = torch.full((n,), t, dtype=torch.long)
         a = step_images.alphas[t]
         x_t = a.sqrt() * latents + (1 - a).sqrt() * noise2
@@ -161,7 +158,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "model": args.model, "pairs": n, "decisive": int(decisive.sum()), "clear": int(clear.sum()),
             "clear_gap": CLEAR_GAP, "completions": args.completions,
-            "completion_settings": args.completion_settings, "guidance": args.guidance, "steps": args.steps,
+            "completion_settings": args.completion_settings, "guidance": list(args.guidance), "steps": list(args.steps),
             "seed": args.seed, "spm": args.spm, "cells": "(accuracy over decisive pairs, over clear pairs)",
             "rows": rows},
             indent=2) + "\n")
