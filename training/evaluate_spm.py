@@ -8,7 +8,8 @@ decoded previews (the step-unaware scorer), are measured on the very same inputs
 
 Accuracy is reported over all pairs the rater does not tie, and over the pairs with a clear preference (rater gap
 >= 0.05): two spo-tiny images of one prompt usually differ by ~0.01 in fine details that no image seen through the
-VAE, let alone a half-denoised one, still shows.
+VAE, let alone a half-denoised one, still shows. `benchmarks/spm_ceiling.py` measures, on these very pairs and
+noise, how much any scorer of the step-t input can get right.
 """
 
 from __future__ import annotations
