@@ -37,9 +37,9 @@ from diffusers import DDIMScheduler  # noqa: E402
 
 from service.pipeline import load_pipeline  # noqa: E402
 from training.cli import _float_list, _int_list, _number_list  # noqa: E402
-from training.conditioning import cfg_eps  # noqa: E402
+from training.conditioning import PromptBatch, cfg_eps  # noqa: E402
 from training.latents import decode_to_uint8, decode_to_unit  # noqa: E402
-from training.preference_data import CLEAR_GAP, plan_pairs  # noqa: E402
+from training.preference_data import CLEAR_GAP, by_setting, plan_pairs  # noqa: E402
 from training.rater import rate  # noqa: E402
 from training.spm import StepAwarePreferenceModel  # noqa: E402
 from training.spo import ddim_step, predicted_x0  # noqa: E402
@@ -48,28 +48,26 @@ from training.train_spm import EVAL_SEED, EVAL_TIMESTEPS, StepImages, draw_t_and
 
 @torch.no_grad()
 def own_latents(pipe, plans) -> tuple[torch.Tensor, list[tuple[float, int]]]:
-    """The scaled final latents of both images of every pair ([images_0; images_1]) and each image's (CFG, steps)."""
-    wanted = [(p.caption, s, (g, n)) for p in plans
-              for s, g, n in ((p.seed_0, p.guidance_0, p.steps_0), (p.seed_1, p.guidance_1, p.steps_1))]
+    """The scaled final latents of both images of every pair ([images_0; images_1]) and each image's (CFG, steps):
+    the same calls and seeds as the eval's images (`by_setting`), stopped before the VAE decodes."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    latents: list[torch.Tensor | None] = [None] * len(wanted)
-    for scale, count in sorted({w[2] for w in wanted}):  # pipeline-wide settings: one call each, as in the data
-        idx = [i for i, w in enumerate(wanted) if w[2] == (scale, count)]
-        out = pipe(prompt=[wanted[i][0] for i in idx], num_inference_steps=count, guidance_scale=scale, width=size,
-                   height=size, generator=[torch.Generator().manual_seed(int(wanted[i][1])) for i in idx],
-                   output_type="latent").images
-        for i, z in zip(idx, out, strict=True):
-            latents[i] = z.float()
-    order = list(range(0, len(wanted), 2)) + list(range(1, len(wanted), 2))
-    return torch.stack([latents[i] for i in order]), [wanted[i][2] for i in order]
+
+    def make(requests, *, steps: int, guidance: float) -> list[torch.Tensor]:
+        return list(pipe(prompt=[r.prompt for r in requests], num_inference_steps=steps, guidance_scale=guidance,
+                         width=size, height=size, generator=[torch.Generator().manual_seed(r.seed) for r in requests],
+                         output_type="latent").images.float())
+
+    made = list(by_setting(plans, make))
+    latents = torch.stack([z for _, z, _ in made] + [z for _, _, z in made])
+    settings = [(p.guidance_0, p.steps_0) for p in plans] + [(p.guidance_1, p.steps_1) for p in plans]
+    return latents, settings
 
 
 @torch.no_grad()
-def completions_mean(pipe, step_images: StepImages, x_t: torch.Tensor, t: int, captions: list[str],
+def completions_mean(pipe, x_t: torch.Tensor, t: int, pb: PromptBatch,
                      settings: list[tuple[float, int]], m: int, seed: int) -> np.ndarray:
     """Mean rater total of `m` independent eta = 1 DDIM finishes of each x_t with its (CFG, steps) setting."""
     totals = np.zeros(len(x_t))
-    pb = step_images.prompt_batch(captions)
     for scale, count in sorted(set(settings)):
         idx = torch.tensor([i for i, s in enumerate(settings) if s == (scale, count)])
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -83,7 +81,8 @@ def completions_mean(pipe, step_images: StepImages, x_t: torch.Tensor, t: int, c
                 eps = cfg_eps(pipe.unet, x, torch.full((len(x),), s), pb, idx, scale)
                 x = ddim_step(scheduler, eps, s, x, 1.0, generator=g)
             images = decode_to_uint8(pipe.vae, x)
-            totals[idx.numpy()] += [rate(im, captions[i]).total / m for im, i in zip(images, idx.tolist(), strict=True)]
+            totals[idx.numpy()] += [rate(im, pb.prompts[i]).total / m
+                                    for im, i in zip(images, idx.tolist(), strict=True)]
     return totals
 
 
@@ -148,7 +147,7 @@ def main() -> None:
                 row[f"{scorer}, {route}"] = accuracy(score(x, captions[:n], tt).float().numpy())
         if args.completions:
             finish = settings if args.completion_settings == "own" else [(5.0, 20)] * len(settings)
-            row[names[-1]] = accuracy(completions_mean(pipe, step_images, x_t, t, captions, finish, args.completions,
+            row[names[-1]] = accuracy(completions_mean(pipe, x_t, t, pb, finish, args.completions,
                                                        args.seed + t))
         rows.append(row)
         print(f"| {t} | " + " | ".join(f"{row[k][0]:.3f} / {row[k][1]:.3f}" for k in names) + " |", flush=True)

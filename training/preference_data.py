@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -412,37 +413,50 @@ class GeneratedPair:
                               abs(self.total_0 - self.total_1))
 
 
-def generate_pairs(pipe, plans: list[PairPlan], *, batch: int = 32,
-                   progress: bool = True) -> Iterator[GeneratedPair]:
-    """Both images of each planned pair through `service.pipeline.generate` (per-image seeds, so an image does not
-    depend on its batch), rated, in plan order.
+def by_setting(plans: list[PairPlan], make: Callable[..., list], batch: int = 32
+               ) -> Iterator[tuple[PairPlan, Any, Any]]:
+    """(plan, output_0, output_1) for each planned pair, in plan order, where `make(requests, steps=, guidance=)`
+    makes the outputs (images, latents) of `service.pipeline.ImageRequest`s that share one CFG scale and step count.
 
-    CFG scale and step count are pipeline-wide, so each call makes the images of one setting. With mixed settings
-    (20 of them for `--steps 4,6,8,12,20 --guidance 1.5,3,5,7.5`) the pairs are gathered in windows of `batch` pairs
-    per setting, which keeps calls near 2 x `batch` images instead of a few.
+    Those are pipeline-wide, so each call serves one setting. With mixed settings (20 of them for
+    `--steps 4,6,8,12,20 --guidance 1.5,3,5,7.5`) the pairs are gathered in windows of `batch` pairs per setting,
+    which keeps calls near 2 x `batch` images instead of a few.
     """
-    from service.pipeline import ImageRequest, generate
+    from service.pipeline import ImageRequest
 
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = {(p.guidance_0, p.steps_0) for p in plans} | {(p.guidance_1, p.steps_1) for p in plans}
     window = batch * max(1, min(len(settings), 32))
-    bar = tqdm(total=len(plans), desc="pairs", unit="pair", dynamic_ncols=True, disable=not progress)
     for start in range(0, len(plans), window):
         chunk = plans[start:start + window]
         wanted = [(p.caption, s, (g, n)) for p in chunk
                   for s, g, n in ((p.seed_0, p.guidance_0, p.steps_0), (p.seed_1, p.guidance_1, p.steps_1))]
-        images: list[np.ndarray | None] = [None] * len(wanted)
+        outputs: list[Any] = [None] * len(wanted)
         for scale, count in sorted({w[2] for w in wanted}):
             same = [i for i, w in enumerate(wanted) if w[2] == (scale, count)]
             for k in range(0, len(same), 2 * batch):
                 idx = same[k:k + 2 * batch]
-                out = generate(pipe, [ImageRequest(wanted[i][0], wanted[i][1]) for i in idx], steps=count,
-                               guidance=scale, width=size, height=size)
-                for i, image in zip(idx, out, strict=True):
-                    images[i] = image
+                made = make([ImageRequest(wanted[i][0], wanted[i][1]) for i in idx], steps=count, guidance=scale)
+                for i, output in zip(idx, made, strict=True):
+                    outputs[i] = output
         for k, plan in enumerate(chunk):
-            yield GeneratedPair.rated(plan, images[2 * k], images[2 * k + 1])
-            bar.update(1)
+            yield plan, outputs[2 * k], outputs[2 * k + 1]
+
+
+def generate_pairs(pipe, plans: list[PairPlan], *, batch: int = 32,
+                   progress: bool = True) -> Iterator[GeneratedPair]:
+    """Both images of each planned pair through `service.pipeline.generate` (per-image seeds, so an image does not
+    depend on its batch), rated, in plan order; calls grouped by `by_setting`."""
+    from service.pipeline import generate
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def make(requests, *, steps: int, guidance: float) -> list[np.ndarray]:
+        return generate(pipe, requests, steps=steps, guidance=guidance, width=size, height=size)
+
+    bar = tqdm(total=len(plans), desc="pairs", unit="pair", dynamic_ncols=True, disable=not progress)
+    for plan, image_0, image_1 in by_setting(plans, make, batch):
+        yield GeneratedPair.rated(plan, image_0, image_1)
+        bar.update(1)
     bar.close()
 
 
