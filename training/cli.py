@@ -111,6 +111,21 @@ def _cmd_data_pairs(args, parser) -> int:
     return 0
 
 
+def _cmd_data_step_pairs(args, parser) -> int:
+    from .step_pairs import NUM_STEPS, write_step_pairs
+
+    if not (Path(args.model) / "model_index.json").is_file():
+        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r} (model_index.json missing)")
+    _check_label_flags(args, parser)
+    if not 0 <= args.first_step < NUM_STEPS:
+        parser.error(f"argument --first-step: must be in [0, {NUM_STEPS}), got {args.first_step}")
+    summary = write_step_pairs(args.model, args.out, args.n, temperature=args.temperature, seed=args.seed,
+                               split=args.split, tie_rate=args.tie_rate, first_step=args.first_step,
+                               batch=args.batch, device=args.device)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def _cmd_data_renders(args, parser) -> int:
     from .render_pairs import write_render_pairs
 
@@ -252,6 +267,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=32, help="pairs per pipeline call")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_data_pairs, _parser=p)
+    p = data.add_parser("step-pairs", help="write step-wise pairs: two candidates branched off one parent at a "
+                                           "step of SPO's sampler, as its scorer sees them, labelled by their "
+                                           "finished images (training/step_pairs.py)")
+    p.add_argument("--model", default="models/spo-tiny", help="diffusers pipeline folder that generates the images")
+    _pair_flags(p)
+    p.add_argument("--first-step", type=int, default=4,
+                   help="earliest branch step of the 20 (SPO's divert_start_step; 4 is t = 751)")
+    p.add_argument("--batch", type=positive_int, default=32, help="pairs per UNet call")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_data_step_pairs, _parser=p)
     p = data.add_parser("renders", help="write generic preference pairs: shapes-world renders with drawn defects, "
                                         "labelled by the rater (the toy's Pick-a-Pic, to pre-train the SPM's CLIP)")
     _pair_flags(p)

@@ -33,7 +33,8 @@ from .shapes import ALL_COMBOS, HELD_OUT, TRAIN_COMBOS, caption_for
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 # Read when present: Pick-a-Pic's own filters and the toy data's noiseless preference and rater totals.
-OPTIONAL_COLUMNS = ("has_label", "are_different", "rater_preference", "rater_total_0", "rater_total_1")
+# `timestep`: the images are as SPO's sampler shows them at that step (step pairs, training/step_pairs.py).
+OPTIONAL_COLUMNS = ("has_label", "are_different", "rater_preference", "rater_total_0", "rater_total_1", "timestep")
 SPLITS = {"train": TRAIN_COMBOS, "heldout": HELD_OUT, "all": ALL_COMBOS}
 # A rater gap |total_0 - total_1| from which a preference counts as clear (an alignment error is >= 0.083; most
 # quality-only differences between two spo-tiny images are ~0.01).
@@ -53,6 +54,7 @@ class PreferencePair:
     label_1: float
     reference: float | None = None  # noiseless preference for image_0 (1, 0 or 0.5) when the data carries one
     reference_gap: float | None = None  # |total_0 - total_1| of the rater: how clear the preference is
+    timestep: int | None = None  # step pairs: both images are previews at this denoising step (else clean images)
 
     @property
     def is_tie(self) -> bool:
@@ -149,11 +151,16 @@ def row_to_pair(row: dict, image_size: int | None, stats: ReadStats, image_root:
         except (OSError, ValueError, Image.DecompressionBombError):
             stats.skip("undecodable image")
             return None
+    timestep = _finite(row.get("timestep"))
+    if timestep is not None and (timestep != int(timestep) or not 0 <= timestep < 10_000):
+        stats.skip("bad timestep")
+        return None
     reference, gap = _finite(row.get("rater_preference")), None
     if _finite(row.get("rater_total_0")) is not None and _finite(row.get("rater_total_1")) is not None:
         gap = abs(float(row["rater_total_0"]) - float(row["rater_total_1"]))
     stats.read += 1
-    return PreferencePair(caption, images[0], images[1], label_0, label_1, reference, gap)
+    return PreferencePair(caption, images[0], images[1], label_0, label_1, reference, gap,
+                          None if timestep is None else int(timestep))
 
 
 def _finite(value) -> float | None:
@@ -339,6 +346,7 @@ class PairPlan:
     guidance_1: float = 5.0
     steps_0: int = 20
     steps_1: int = 20
+    branch_step: int | None = None  # step pairs: one trajectory (seed_0) splits here, the branches' noise from seed_1
 
 
 def plan_pairs(n: int, seed: int = 0, split: str = "train", guidance: tuple[float, ...] = (5.0,),
@@ -397,6 +405,7 @@ class GeneratedPair:
     image_1: np.ndarray
     total_0: float
     total_1: float
+    timestep: int | None = None  # step pairs: the images are the scorer's view at this step, the totals the finals'
 
     @classmethod
     def rated(cls, plan: PairPlan, image_0: np.ndarray, image_1: np.ndarray) -> GeneratedPair:
@@ -410,7 +419,7 @@ class GeneratedPair:
     def to_pair(self, temperature: float = 0.0, tie_rate: float = 0.0) -> PreferencePair:
         label_0, label_1 = bradley_terry_labels(self.total_0, self.total_1, temperature, self.plan.u_label, tie_rate)
         return PreferencePair(self.plan.caption, self.image_0, self.image_1, label_0, label_1, self.reference,
-                              abs(self.total_0 - self.total_1))
+                              abs(self.total_0 - self.total_1), self.timestep)
 
 
 def by_setting(plans: list[PairPlan], make: Callable[..., list], batch: int = 32
@@ -472,7 +481,7 @@ def _schema():
         # Toy extras (Pick-a-Pic readers ignore unknown columns): the rater's view and how the images were made.
         ("rater_total_0", pa.float64()), ("rater_total_1", pa.float64()), ("rater_preference", pa.float64()),
         ("seed_0", pa.int64()), ("seed_1", pa.int64()), ("guidance_0", pa.float64()), ("guidance_1", pa.float64()),
-        ("steps_0", pa.int64()), ("steps_1", pa.int64()),
+        ("steps_0", pa.int64()), ("steps_1", pa.int64()), ("branch_step", pa.int64()), ("timestep", pa.int64()),
     ])
 
 
@@ -484,14 +493,18 @@ def _row(g: GeneratedPair, temperature: float, tie_rate: float, model_name: str,
 
     label_0, label_1 = bradley_terry_labels(g.total_0, g.total_1, temperature, p.u_label, tie_rate)
     model_0, model_1 = made_by(p.guidance_0, p.steps_0), made_by(p.guidance_1, p.steps_1)
-    uid_0, uid_1 = f"{model_0}@seed{p.seed_0}", f"{model_1}@seed{p.seed_1}"
+    if p.branch_step is None:
+        uid_0, uid_1 = f"{model_0}@seed{p.seed_0}", f"{model_1}@seed{p.seed_1}"
+    else:  # both branches of one trajectory: the branch noise's seed and which of its two draws
+        uid_0, uid_1 = (f"{model_0}@seed{p.seed_0}@branch{p.branch_step}:{p.seed_1}/{k}" for k in (0, 1))
     best = "" if label_0 == label_1 else uid_0 if label_0 > label_1 else uid_1
     return {"ranking_id": p.index, "caption": p.caption, "jpg_0": encode_png(g.image_0), "jpg_1": encode_png(g.image_1),
             "label_0": label_0, "label_1": label_1, "image_0_uid": uid_0, "image_1_uid": uid_1,
             "model_0": model_0, "model_1": model_1, "best_image_uid": best, "has_label": True,
             "are_different": True, "num_example_per_prompt": per_prompt, "rater_total_0": g.total_0,
             "rater_total_1": g.total_1, "rater_preference": g.reference, "seed_0": p.seed_0, "seed_1": p.seed_1,
-            "guidance_0": p.guidance_0, "guidance_1": p.guidance_1, "steps_0": p.steps_0, "steps_1": p.steps_1}
+            "guidance_0": p.guidance_0, "guidance_1": p.guidance_1, "steps_0": p.steps_0, "steps_1": p.steps_1,
+            "branch_step": p.branch_step, "timestep": g.timestep}
 
 
 def _complete_shard(path: Path, rows: int) -> bool:

@@ -155,6 +155,30 @@ def spo_sample(
     return SampleResult(StepPairs.concat(pairs) if pairs else None, x, compared, kept, chosen, bests)
 
 
+@torch.no_grad()
+def ddim_lookahead(scheduler, eps_fn: EpsFn, latents: torch.Tensor, timestep: int, prompt_index: torch.Tensor,
+                   steps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finish noisy latents at `timestep` with `steps` deterministic DDIM steps on the even spacing
+    t * (steps - i) // steps: a candidate's worth, measured rather than guessed (the lookahead oracle).
+
+    Returns the finished latents and the x0 predicted at `timestep` (the preview SPO's scorer sees, from the same
+    UNet call). At timestep 0 the latents are already final.
+    """
+    x = latents.float()
+    t0 = int(timestep)
+    alphas = scheduler.alphas_cumprod.double()
+    preview = x
+    for i in range(steps if t0 > 0 else 0):
+        ti = t0 * (steps - i) // steps
+        eps = eps_fn(x, torch.full((len(x),), ti, device=x.device), prompt_index)
+        x0 = predicted_x0(scheduler, eps, ti, x)
+        if i == 0:
+            preview = x0
+        t_next = t0 * (steps - i - 1) // steps
+        x = x0 if t_next == 0 else (alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps).float()
+    return x, preview
+
+
 def _randn(like: torch.Tensor, generator, rows: torch.Tensor) -> torch.Tensor:
     """Standard normal noise shaped like `like`; with per-prompt generators, row r draws from generator[rows[r]]."""
     if not isinstance(generator, list):

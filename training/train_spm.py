@@ -5,7 +5,9 @@ checkpoint/resume), and the entry point for `accelerate launch -m training.train
 
 Per pair and optimizer step: t ~ U{0..999}; both images are VAE-encoded and noised with the *same* noise at the
 *same* t; one classifier-free-guided UNet pass (scale 5) gives the DDIM prediction of x0, which is decoded and
-scored by the SPM at t. The loss is PickScore's cross-entropy over the two image logits with the soft labels.
+scored by the SPM at t. Step pairs (`spo data step-pairs`) already are such previews, of sibling candidates at a
+step of SPO's sampler: they are scored as they are, at their recorded step. The loss is PickScore's cross-entropy
+over the two image logits with the soft labels.
 
 Reproducibility: every random draw of an example (t, noise) comes from a generator keyed by (seed, step, index of
 the example in the global batch), the data order is a function of (seed, epoch), and the global batch is the same
@@ -31,7 +33,15 @@ from tqdm.auto import tqdm
 
 from .conditioning import PromptBatch, cfg_eps, encode_prompts
 from .latents import decode_to_unit
-from .preference_data import CLEAR_GAP, PreferenceData, PreferencePair, generate_pairs, load_pairs, plan_pairs
+from .preference_data import (
+    CLEAR_GAP,
+    PreferenceData,
+    PreferencePair,
+    ReadStats,
+    generate_pairs,
+    load_pairs,
+    plan_pairs,
+)
 from .rater import rate
 from .spm import StepAwarePreferenceModel, build_spm
 from .spo import predicted_x0
@@ -151,6 +161,26 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def spm_inputs(pairs: list[PreferencePair], step_images: StepImages | None, t: torch.Tensor | None,
+               noise: torch.Tensor | None, clean_images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the SPM scores for a batch of pairs ([images_0; images_1] in [0, 1]) and at which t (one per pair).
+
+    Step pairs (training/step_pairs.py) already are what SPO's sampler shows at their recorded step: as they are.
+    `clean_images`: as they are at t = 0. Otherwise SPO.md §1's route: the same noise at the same t for both
+    images, one UNet pass, the decoded x0 prediction.
+    """
+    images = to_tensor([q.image_0 for q in pairs] + [q.image_1 for q in pairs])
+    recorded = [q.timestep for q in pairs]
+    if any(r is not None for r in recorded):
+        if clean_images or None in recorded:
+            raise ValueError("step pairs (pairs with a timestep) are already previews at their step: they cannot be "
+                             "mixed with clean-image pairs, nor trained with --clean-images")
+        return (images + 1.0) / 2.0, torch.tensor(recorded, dtype=torch.long)
+    if clean_images:
+        return (images + 1.0) / 2.0, torch.zeros(len(pairs), dtype=torch.long)
+    return step_images(images, [q.caption for q in pairs], t, noise), t
+
+
 def draw_t_and_noise(seed: int, step: int, indices: list[int], latent_shape: tuple[int, ...],
                      num_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     ts, noises = [], []
@@ -228,6 +258,28 @@ def pairwise_correct(scorer: StepAwarePreferenceModel | Scorer, step_images: Ste
     if spm is not None:
         spm.train(was_training)
     return {t: np.array(v, dtype=bool) for t, v in correct.items()}
+
+
+@torch.no_grad()
+def recorded_correct(scorer: StepAwarePreferenceModel | Scorer, pairs: list[PreferencePair], batch: int = 64
+                     ) -> np.ndarray:
+    """Per step pair (ties removed), whether the scorer prefers the reference's image, scored at the pair's step."""
+    spm = scorer if isinstance(scorer, StepAwarePreferenceModel) else None
+    was_training = spm is not None and spm.training
+    if spm is not None:
+        spm.eval()
+    correct: list[bool] = []
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        x, t = spm_inputs(chunk, None, None, None)
+        captions = [q.caption for q in chunk]
+        scores = (spm(x.to(spm.device), spm.tokenize(captions), t.to(spm.device)) if spm is not None
+                  else scorer(x, captions, t))
+        s0, s1 = scores.float().cpu().chunk(2)
+        correct += ((s0 > s1) == torch.tensor([q.preference > 0.5 for q in chunk])).tolist()
+    if spm is not None:
+        spm.train(was_training)
+    return np.array(correct, dtype=bool)
 
 
 def heldout_pairs(pipe, n: int, seed: int = 4321, guidance: tuple[float, ...] = (5.0,),
@@ -355,11 +407,18 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
     spm, opt = accelerator.prepare(spm, opt)
     raw_spm: StepAwarePreferenceModel = accelerator.unwrap_model(spm)
 
+    first = next(data_set.stream(), (0, None))[1]
+    step_pairs = first is not None and first.timestep is not None  # training/step_pairs.py data
+    data_set.stats = ReadStats()  # the peek is not part of the run's reading
     eval_set: list[PreferencePair] = []
     if main and p.eval_every > 0:
         if eval_data is not None:
             eval_set, stats = load_pairs(eval_data, p.eval_pairs, image_size=step_images.image_size)
             print(f"eval pairs from {eval_data}: {stats.report()}", file=sys.stderr)
+        elif p.clip == "tiny" and step_pairs:
+            from .step_pairs import generate_step_pairs, plan_step_pairs
+
+            eval_set = [g.to_pair() for g in generate_step_pairs(pipe, plan_step_pairs(p.eval_pairs, 4321, "heldout"))]
         elif p.clip == "tiny":
             eval_set = heldout_pairs(pipe, p.eval_pairs)
 
@@ -388,10 +447,27 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
 
     eval_set = [q for q in eval_set if q.preference != 0.5]
     clear = np.array([q.reference_gap is not None and q.reference_gap >= CLEAR_GAP for q in eval_set], dtype=bool)
+    step_eval = bool(eval_set) and eval_set[0].timestep is not None
+    if step_eval:
+        from .step_pairs import timestep_buckets
+
+        buckets = timestep_buckets(np.array([q.timestep for q in eval_set]))
+        baseline = recorded_correct(rater_on_previews, eval_set)  # the step-unaware scorer on the same previews
+        log({"stage": "eval", "step": state["step"],
+             **{f"rater_acc_steps_{k}": float(baseline[m].mean()) for k, m in buckets.items() if m.any()}})
 
     def evaluate(step: int) -> None:
-        """Accuracy on the evaluation pairs at each t, also on the clear ones (acc_clear_t*) when gaps are known."""
-        if main and eval_set:
+        """Accuracy on the evaluation pairs at each t (step pairs: at their own step, by bucket), also on the clear
+        ones (acc_clear_*) when gaps are known."""
+        if main and eval_set and step_eval:
+            correct = recorded_correct(raw_spm, eval_set)
+            record = {f"acc_steps_{k}": float(correct[m].mean()) for k, m in buckets.items() if m.any()}
+            record.update({f"acc_clear_steps_{k}": float(correct[m & clear].mean())
+                           for k, m in buckets.items() if (m & clear).any()})
+            log({"stage": "eval", "step": step, **record})
+            tqdm.write(f"step {step}: accuracy on step pairs " + " ".join(
+                f"{k}:{v:.3f}" for k, v in record.items() if k.startswith("acc_steps_")))
+        elif main and eval_set:
             correct = pairwise_correct(raw_spm, step_images, eval_set, seed=seed)
             record = {f"acc_t{t}": float(c.mean()) for t, c in correct.items()}
             if clear.any():
@@ -420,12 +496,8 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
         for j, idx in enumerate(micro):
             pairs = [batch[i] for i in idx]
             t, noise = draw_t_and_noise(seed, step, idx, step_images.latent_shape, num_t)
-            images = to_tensor([q.image_0 for q in pairs] + [q.image_1 for q in pairs])
+            x, t = spm_inputs(pairs, step_images, t, noise, clean_images)
             captions = [q.caption for q in pairs]
-            if clean_images:
-                t, x = torch.zeros_like(t), (images + 1.0) / 2.0
-            else:
-                x = step_images(images, captions, t, noise)
             label_0 = torch.tensor([q.label_0 for q in pairs], device=accelerator.device)
             label_1 = torch.tensor([q.label_1 for q in pairs], device=accelerator.device)
             w = weights[idx].to(accelerator.device)
@@ -470,7 +542,7 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
             raw_spm.save_pretrained(out)
             info = {"preset": preset, "seed": seed, "data": str(data), "diffusion_model": str(model),
                     "init": str(init) if init else None, "time_conditioning": time_conditioning,
-                    "clean_images": clean_images,
+                    "clean_images": clean_images, "step_pairs": step_pairs,
                     "processes": world, "train_seconds": round(time.time() - started, 1), "config": asdict(p),
                     "steps_done": last_step, "stopped_by_time_budget": out_of_time,
                     "data_stats": {"read": data_set.stats.read, "skipped": dict(data_set.stats.skipped)}}
@@ -480,7 +552,9 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
         if finished:
             from .plots import save_curves
 
-            save_curves(log_path, out / "train_curves.png", keys=("loss", "acc_t0", "acc_t501", "acc_clear_t501"),
+            keys = (("loss", "acc_steps_all", "acc_steps_early", "acc_clear_steps_early") if step_eval
+                    else ("loss", "acc_t0", "acc_t501", "acc_clear_t501"))
+            save_curves(log_path, out / "train_curves.png", keys=keys,
                         smooth=max(1, min(25, p.steps // 20)))
     accelerator.wait_for_everyone()
     return out

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from .conditioning import PromptBatch, cfg_eps, encode_prompts
 from .latents import decode_to_uint8, decode_to_unit
-from .sampler import StepPairs, spo_sample
+from .sampler import StepPairs, ddim_lookahead, spo_sample
 from .shapes import HELD_OUT, TRAIN_COMBOS, caption_for
-from .spo import ddim_step_log_prob, predicted_x0, spo_loss
+from .spo import ddim_step_log_prob, spo_loss
 
 
 @dataclass(frozen=True)
@@ -119,18 +119,14 @@ def lookahead_rater_scorer(pipe, unet, prompts: list[str], guidance: float, step
     """
     batch = encode_prompts(pipe, prompts)
     rate_final = rater_scorer(pipe.vae, prompts, scale)
-    alphas = pipe.scheduler.alphas_cumprod.double()
+
+    def eps_fn(x, t, idx):
+        return cfg_eps(unet, x, t, batch, idx, guidance)
 
     @torch.no_grad()
     def score(latents: torch.Tensor, prompt_index: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x, t0 = latents.float(), int(t.reshape(-1)[0])
-        for i in range(steps if t0 > 0 else 0):
-            ti = t0 * (steps - i) // steps
-            eps = cfg_eps(unet, x, torch.full((len(x),), ti, device=x.device), batch, prompt_index, guidance)
-            x0 = predicted_x0(pipe.scheduler, eps, ti, x)
-            t_next = t0 * (steps - i - 1) // steps
-            x = x0 if t_next == 0 else (alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps).float()
-        return rate_final(x, prompt_index, t)
+        final, _ = ddim_lookahead(pipe.scheduler, eps_fn, latents, int(t.reshape(-1)[0]), prompt_index, steps)
+        return rate_final(final, prompt_index, t)
 
     score.scores_latents = True  # the sampler passes the candidates' noisy latents, not their x0 previews
     return score
