@@ -107,6 +107,22 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 @torch.no_grad()
+def test_init_from_an_spm_continues_it_and_the_ablation_takes_its_clip_part(tmp_path):
+    torch.manual_seed(0)
+    spm = build_spm("tiny").eval()
+    for param in spm.time_parameters():
+        param.normal_(std=0.05)
+    folder = spm.save_pretrained(tmp_path / "spm")
+    images, t = _images(3), torch.tensor([0, 400, 999])
+    continued = build_spm("tiny", init=folder).eval()
+    torch.testing.assert_close(continued.score(images, PROMPTS, t), spm.score(images, PROMPTS, t), rtol=0, atol=0)
+    ablation = build_spm("tiny", init=folder, time_conditioning=False).eval()
+    assert not ablation.config.time_conditioning and not list(ablation.time_parameters())
+    clip_only = {k: v for k, v in spm.clip.state_dict().items() if k in ablation.clip.state_dict()}
+    assert len(clip_only) > 20 and all(torch.equal(v, ablation.clip.state_dict()[k]) for k, v in clip_only.items())
+
+
+@torch.no_grad()
 def test_wraps_a_local_pickscore_style_checkpoint(tmp_path, tokenizer):
     """PickScore_v1 is a CLIPModel folder; its tokenizer and processor live in a separate (laion CLIP-H) folder."""
     torch.manual_seed(1)

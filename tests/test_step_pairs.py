@@ -179,3 +179,27 @@ def test_step_pairs_command_names_the_offending_flag(tmp_path, capsys, random_pi
         with pytest.raises(SystemExit) as exc:
             main(args)
         assert exc.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    from training.spm import build_spm
+
+    build_spm("tiny").save_pretrained(tmp_path / "spm")
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "spm", "--model", str(tmp_path / "spm"), "--step-pairs", "--steps", "4,20"])
+    assert exc.value.code == 2 and "argument --step-pairs" in capsys.readouterr().err
+
+
+def test_eval_spm_on_step_pairs_reports_accuracy_by_recorded_timestep(tmp_path, random_pipeline, capsys):
+    from training.spm import build_spm
+
+    torch.manual_seed(0)
+    build_spm("tiny").save_pretrained(tmp_path / "spm")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "spm", "--model", str(tmp_path / "spm"), "--base-model", str(random_pipeline),
+                 "--pairs", "8", "--step-pairs", "--json", str(out)]) == 0
+    assert "| step pairs at t | spm |" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["kind"] == "step pairs"
+    rows = list(result["accuracy"])
+    assert rows[:3] == ["all", "early", "late"] and rows[3:] == sorted(rows[3:], key=int, reverse=True)
+    counts = result["pairs_per_row"]
+    assert counts["all"] == result["pairs"] == counts["early"] + counts["late"] == sum(counts[r] for r in rows[3:])
+    assert list(result["rater_on_previews_accuracy"]["all"]) == rows

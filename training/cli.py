@@ -176,10 +176,14 @@ def _cmd_eval_spm(args, parser) -> int:
             parser.error(f"argument {flag}: no SPM folder at {value!r} (spm_config.json missing)")
     if args.base_model is not None and not (Path(args.base_model) / "model_index.json").is_file():
         parser.error(f"argument --base-model: no diffusers pipeline folder at {args.base_model!r}")
+    if args.step_pairs and (tuple(args.guidance) != (5.0,) or tuple(args.steps) != (20,)):
+        parser.error("argument --step-pairs: step pairs are made at SPO's sampler setting (20 steps, CFG 5); "
+                     "drop --guidance / --steps")
     summary = evaluate_spm(args.model, ablation=args.ablation, base_model=args.base_model, n_pairs=args.pairs,
-                           seed=args.seed, guidance=args.guidance, steps=args.steps, json_path=args.json,
-                           device=args.device)
-    print(f"pairwise accuracy against the rater's noiseless preference on {summary['pairs']} fresh held-out pairs "
+                           seed=args.seed, guidance=args.guidance, steps=args.steps, step_pairs=args.step_pairs,
+                           json_path=args.json, device=args.device)
+    print(f"pairwise accuracy against the rater's noiseless preference on {summary['pairs']} fresh held-out "
+          f"{'step pairs' if args.step_pairs else 'pairs'} "
           f"({summary['clear_pairs']} with a clear preference, rater gap >= {summary['clear_gap']:g}; "
           f"{summary['rater_ties_left_out']} rater ties left out):")
     print(summary["table"])
@@ -297,7 +301,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="tiny", help="tiny | sd15 | sdxl")
     p.add_argument("--init", default=None,
                    help="CLIP / PickScore checkpoint folder to start from (sd15/sdxl: PickScore_v1; "
-                        "tiny: a --clean-images run)")
+                        "tiny: a --clean-images run), or an SPM folder to continue (time conditioning included)")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder when --init has none (PickScore_v1)")
     p.add_argument("--eval-data", default=None, help="pairs for periodic evaluation (tiny: generated when omitted)")
     p.add_argument("--no-time-conditioning", action="store_true", help="ablation: a plain CLIP scorer, t ignored")
@@ -390,6 +394,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CFG scale(s) of the fresh pairs' images, as for `spo data pairs`")
     p.add_argument("--steps", type=_int_list, default=(20,),
                    help="DDIM step count(s) of the fresh pairs' images, as for `spo data pairs`")
+    p.add_argument("--step-pairs", action="store_true",
+                   help="evaluate on fresh held-out step pairs (siblings at SPO's branch steps), by their timestep")
     p.add_argument("--seed", type=int, default=4321)
     p.add_argument("--json", default=None, help="write {\"accuracy\": {\"0\": a, ...}, ...} to this file")
     p.add_argument("--device", default="cpu")

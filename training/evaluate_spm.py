@@ -10,6 +10,9 @@ Accuracy is reported over all pairs the rater does not tie, and over the pairs w
 >= 0.05): two spo-tiny images of one prompt usually differ by ~0.01 in fine details that no image seen through the
 VAE, let alone a half-denoised one, still shows. `benchmarks/spm_ceiling.py` measures, on these very pairs and
 noise, how much any scorer of the step-t input can get right.
+
+`--step-pairs` asks instead what SPO asks of the SPM: held-out step pairs (`spo data step-pairs`), two siblings of
+one parent at a branch step of SPO's sampler as its scorer sees them, ordered by the rater on their finished images.
 """
 
 from __future__ import annotations
@@ -21,27 +24,40 @@ import numpy as np
 
 from .preference_data import CLEAR_GAP
 from .spm import StepAwarePreferenceModel
-from .train_spm import EVAL_TIMESTEPS, StepImages, heldout_pairs, pairwise_correct, rater_on_previews
+from .step_pairs import generate_step_pairs, plan_step_pairs, timestep_buckets
+from .train_spm import (
+    EVAL_TIMESTEPS,
+    StepImages,
+    heldout_pairs,
+    pairwise_correct,
+    rater_on_previews,
+    recorded_correct,
+)
 
 
-def format_table(columns: dict[str, dict[str, float]], timesteps: tuple[int, ...] = EVAL_TIMESTEPS) -> str:
+def format_table(columns: dict[str, dict[str, float]], rows: list[str], first: str = "t") -> str:
     names = list(columns)
-    lines = ["| t | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for t in timesteps:
-        lines.append(f"| {t} | " + " | ".join(f"{columns[n][str(t)]:.3f}" for n in names) + " |")
+    lines = [f"| {first} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r} | " + " | ".join(f"{columns[n][r]:.3f}" for n in names) + " |")
     return "\n".join(lines)
 
 
-def _accuracy(correct: dict[int, np.ndarray], mask: np.ndarray) -> dict[str, float]:
-    return {str(t): float(c[mask].mean()) if mask.any() else float("nan") for t, c in correct.items()}
+def _mean(correct: np.ndarray, mask: np.ndarray) -> float:
+    return float(correct[mask].mean()) if mask.any() else float("nan")
 
 
 def evaluate_spm(model: Path | str, *, ablation: Path | str | None = None, base_model: Path | str | None = None,
                  n_pairs: int = 500, seed: int = 4321, guidance: tuple[float, ...] = (5.0,),
-                 steps: tuple[int, ...] = (20,),
+                 steps: tuple[int, ...] = (20,), step_pairs: bool = False,
                  timesteps: tuple[int, ...] = EVAL_TIMESTEPS, clear_gap: float = CLEAR_GAP,
                  json_path: Path | str | None = None, device: str = "cpu") -> dict:
-    """Pairwise accuracy of the SPM (and the ablation) against the rater at each t; returns the JSON summary."""
+    """Pairwise accuracy of the SPM (and the ablation) against the rater at each t; returns the JSON summary.
+
+    With `step_pairs` the fresh pairs are held-out step pairs (`spo data step-pairs`: siblings of SPO's sampler at
+    its branch steps, seen as its scorer sees them) and accuracy is reported by their recorded timestep: all, early
+    (t >= 551), late, and each t.
+    """
     from service.pipeline import load_pipeline
 
     model = Path(model)
@@ -49,11 +65,20 @@ def evaluate_spm(model: Path | str, *, ablation: Path | str | None = None, base_
         info = model / "training_info.json"
         base_model = json.loads(info.read_text())["diffusion_model"] if info.is_file() else "models/spo-tiny"
     pipe = load_pipeline(str(base_model), device=device)
-    step_images = StepImages(pipe)
-    pairs = heldout_pairs(pipe, n_pairs, seed=seed, guidance=tuple(guidance), steps=tuple(steps))
+    if step_pairs:
+        pairs = [g.to_pair() for g in generate_step_pairs(pipe, plan_step_pairs(n_pairs, seed, "heldout"))]
+    else:
+        pairs = heldout_pairs(pipe, n_pairs, seed=seed, guidance=tuple(guidance), steps=tuple(steps))
     decisive = [p for p in pairs if p.preference != 0.5]
     clear = np.array([p.reference_gap >= clear_gap for p in decisive], dtype=bool)
     everyone = np.ones(len(decisive), dtype=bool)
+    if step_pairs:
+        recorded = np.array([p.timestep for p in decisive])
+        masks = {**timestep_buckets(recorded), **{str(t): recorded == t for t in sorted(set(recorded), reverse=True)}}
+    else:
+        masks = {str(t): everyone for t in timesteps}
+        step_images = StepImages(pipe)
+    rows = list(masks)
 
     models = {"spm": model, "no-time ablation": ablation} if ablation is not None else {"spm": model}
     columns: dict[str, dict[str, float]] = {}
@@ -61,10 +86,17 @@ def evaluate_spm(model: Path | str, *, ablation: Path | str | None = None, base_
     scorers = {name: StepAwarePreferenceModel.from_pretrained(path).to(device) for name, path in models.items()}
     scorers["rater on previews"] = rater_on_previews  # the step-unaware reference
     for name, scorer in scorers.items():
-        correct = pairwise_correct(scorer, step_images, decisive, timesteps, seed=seed, progress=True)
-        accuracy[name] = {"all": _accuracy(correct, everyone), "clear": _accuracy(correct, clear)}
+        if step_pairs:
+            correct = recorded_correct(scorer, decisive)
+            per_row = {r: correct for r in rows}
+        else:
+            per_row = {str(t): c for t, c in pairwise_correct(scorer, step_images, decisive, timesteps, seed=seed,
+                                                              progress=True).items()}
+        accuracy[name] = {"all": {r: _mean(per_row[r], masks[r]) for r in rows},
+                          "clear": {r: _mean(per_row[r], masks[r] & clear) for r in rows}}
         columns[name] = accuracy[name]["all"]
-        columns[f"{name} (gap >= {clear_gap:g})"] = accuracy[name]["clear"]
+        if not step_pairs or clear.any():  # siblings rarely differ clearly: no column of nan
+            columns[f"{name} (gap >= {clear_gap:g})"] = accuracy[name]["clear"]
 
     summary = {
         "accuracy": accuracy["spm"]["all"],
@@ -76,8 +108,9 @@ def evaluate_spm(model: Path | str, *, ablation: Path | str | None = None, base_
         "rater_ties_left_out": len(pairs) - len(decisive),
         "model": str(model), "ablation": str(ablation) if ablation is not None else None,
         "base_model": str(base_model), "split": "heldout", "guidance": list(guidance), "steps": list(steps),
-        "seed": seed,
-        "table": format_table(columns, timesteps),
+        "seed": seed, "kind": "step pairs" if step_pairs else "pairs noised to t",
+        "pairs_per_row": {r: int(m.sum()) for r, m in masks.items()},
+        "table": format_table(columns, rows, "step pairs at t" if step_pairs else "t"),
     }
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

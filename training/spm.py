@@ -312,9 +312,12 @@ def build_spm(preset: str, *, init: Path | str | None = None, tokenizer: Path | 
 
     `tiny`: a fresh tiny CLIP with the shapes world's tokenizer (nothing to download; trained from scratch).
     `sd15` / `sdxl`: the PickScore_v1 (CLIP ViT-H/14) architecture; `init` is the checkpoint folder to wrap (without
-    it the weights are random, which is only useful for checking the architecture).
+    it the weights are random, which is only useful for checking the architecture). A time-conditioned SPM as `init`
+    is continued as it is, time modules included; for the no-time ablation its CLIP part is wrapped.
     """
     config = SPMConfig(time_conditioning=time_conditioning)
+    if init is not None and time_conditioning and (Path(init) / TIME_WEIGHTS).is_file():
+        return StepAwarePreferenceModel.from_pretrained(init)  # an SPM: continued, its time conditioning included
     if init is not None:
         return StepAwarePreferenceModel.from_clip(init, config, tokenizer=tokenizer)
     if preset == "tiny":

@@ -45,6 +45,7 @@ from .preference_data import (
 from .rater import rate
 from .spm import StepAwarePreferenceModel, build_spm
 from .spo import predicted_x0
+from .step_pairs import generate_step_pairs, plan_step_pairs, timestep_buckets
 
 EVAL_TIMESTEPS = (0, 251, 501, 751, 951)  # the set; the paper reports 701 instead of 751
 EVAL_SEED = 10**9  # "step" key of evaluation examples, outside any training step
@@ -416,8 +417,6 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
             eval_set, stats = load_pairs(eval_data, p.eval_pairs, image_size=step_images.image_size)
             print(f"eval pairs from {eval_data}: {stats.report()}", file=sys.stderr)
         elif p.clip == "tiny" and step_pairs:
-            from .step_pairs import generate_step_pairs, plan_step_pairs
-
             eval_set = [g.to_pair() for g in generate_step_pairs(pipe, plan_step_pairs(p.eval_pairs, 4321, "heldout"))]
         elif p.clip == "tiny":
             eval_set = heldout_pairs(pipe, p.eval_pairs)
@@ -449,8 +448,6 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
     clear = np.array([q.reference_gap is not None and q.reference_gap >= CLEAR_GAP for q in eval_set], dtype=bool)
     step_eval = bool(eval_set) and eval_set[0].timestep is not None
     if step_eval:
-        from .step_pairs import timestep_buckets
-
         buckets = timestep_buckets(np.array([q.timestep for q in eval_set]))
         baseline = recorded_correct(rater_on_previews, eval_set)  # the step-unaware scorer on the same previews
         log({"stage": "eval", "step": state["step"],
