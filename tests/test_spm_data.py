@@ -174,6 +174,7 @@ def test_write_pairs_from_a_model_resumes_and_reads_back(tmp_path, random_pipeli
     assert again["generated_now"] == 4 and shards[1].read_bytes() == before
     assert pq.read_table(shards[0]).equals(table)
     assert summarise_pairs(out)["pairs"] == 6
+    assert not PreferenceData(out).carries_timesteps()  # ordinary pairs: a null timestep column
 
 
 def test_generate_pairs_fills_calls_across_mixed_settings_and_keeps_plan_order(monkeypatch):

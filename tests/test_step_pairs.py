@@ -11,7 +11,7 @@ import torch
 from service.cli import main
 from service.pipeline import load_pipeline
 from training.conditioning import cfg_eps, encode_prompts
-from training.preference_data import PreferencePair, ReadStats, load_pairs, row_to_pair
+from training.preference_data import PreferenceData, PreferencePair, ReadStats, load_pairs, row_to_pair
 from training.rater import rate
 from training.sampler import ddim_lookahead
 from training.spm import StepAwarePreferenceModel
@@ -115,6 +115,7 @@ def test_write_step_pairs_round_trip_and_the_timestep_column(tmp_path, random_pi
     assert len(set(uids)) == 8
     pairs, stats = load_pairs(out)
     assert stats.n_skipped == 0 and [p.timestep for p in pairs[:3]] == table.column("timestep").to_pylist()[:3]
+    assert PreferenceData(out).carries_timesteps()
 
 
 def test_bad_timesteps_are_skipped_and_counted():

@@ -64,11 +64,16 @@ def _cmd_train_base(args, parser) -> int:
     return 0
 
 
+def _check_pipeline(path: str | None, flag: str, parser) -> None:
+    """A diffusers pipeline folder, or a usage error naming the flag."""
+    if path is not None and not (Path(path) / "model_index.json").is_file():
+        parser.error(f"argument {flag}: no diffusers pipeline folder at {path!r} (model_index.json missing)")
+
+
 def _cmd_eval_base(args, parser) -> int:
     from .evaluate import evaluate_base
 
-    if not (Path(args.model) / "model_index.json").is_file():
-        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r}")
+    _check_pipeline(args.model, "--model", parser)
     summary = evaluate_base(Path(args.model), Path(args.out), n_train=args.n_train, n_heldout=args.n_heldout,
                             steps=args.steps, guidance=args.guidance)
     print((Path(args.out) / "report.md").read_text())
@@ -99,8 +104,7 @@ def _pair_flags(p: argparse.ArgumentParser) -> None:
 def _cmd_data_pairs(args, parser) -> int:
     from .preference_data import write_pairs
 
-    if not (Path(args.model) / "model_index.json").is_file():
-        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r} (model_index.json missing)")
+    _check_pipeline(args.model, "--model", parser)
     _check_label_flags(args, parser)
     if any(g < 0 for g in args.guidance):
         parser.error(f"argument --guidance: scales must be >= 0, got {args.guidance}")
@@ -114,8 +118,7 @@ def _cmd_data_pairs(args, parser) -> int:
 def _cmd_data_step_pairs(args, parser) -> int:
     from .step_pairs import NUM_STEPS, write_step_pairs
 
-    if not (Path(args.model) / "model_index.json").is_file():
-        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r} (model_index.json missing)")
+    _check_pipeline(args.model, "--model", parser)
     _check_label_flags(args, parser)
     if not 0 <= args.first_step < NUM_STEPS:
         parser.error(f"argument --first-step: must be in [0, {NUM_STEPS}), got {args.first_step}")
@@ -142,8 +145,7 @@ def _check_preset_data_model(args, parser, presets: dict) -> None:
         parser.error(f"argument --preset: choose from {sorted(presets)}")
     if not Path(args.data).is_dir():
         parser.error(f"argument --data: no folder at {args.data!r}")
-    if not (Path(args.model) / "model_index.json").is_file():
-        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r} (model_index.json missing)")
+    _check_pipeline(args.model, "--model", parser)
 
 
 def _cmd_train_spm(args, parser) -> int:
@@ -174,8 +176,7 @@ def _cmd_eval_spm(args, parser) -> int:
     for flag, value in (("--model", args.model), ("--ablation", args.ablation)):
         if value is not None and not (Path(value) / "spm_config.json").is_file():
             parser.error(f"argument {flag}: no SPM folder at {value!r} (spm_config.json missing)")
-    if args.base_model is not None and not (Path(args.base_model) / "model_index.json").is_file():
-        parser.error(f"argument --base-model: no diffusers pipeline folder at {args.base_model!r}")
+    _check_pipeline(args.base_model, "--base-model", parser)
     if args.step_pairs and (tuple(args.guidance) != (5.0,) or tuple(args.steps) != (20,)):
         parser.error("argument --step-pairs: step pairs are made at SPO's sampler setting (20 steps, CFG 5); "
                      "drop --guidance / --steps")
@@ -195,8 +196,7 @@ def _cmd_train_spo(args, parser) -> int:
 
     if args.preset not in PRESETS:
         parser.error(f"argument --preset: choose from {sorted(PRESETS)}")
-    if not (Path(args.model) / "model_index.json").is_file():
-        parser.error(f"argument --model: no diffusers pipeline folder at {args.model!r}")
+    _check_pipeline(args.model, "--model", parser)
     if args.scorer == "spm" and (args.spm is None or not Path(args.spm).is_dir()):
         parser.error("argument --spm: a step-aware preference model folder is required with --scorer spm")
     out = train_spo(args.preset, Path(args.model), Path(args.out), spm=Path(args.spm) if args.spm else None,

@@ -298,21 +298,32 @@ class PreferenceData:
                 if pair is not None:
                     yield position, pair
 
-    def captions(self) -> Iterator[str]:
-        """Captions of every row (parquet: the caption column only, no image bytes read)."""
+    def column(self, name: str) -> Iterator[Any]:
+        """One column's values, row by row (parquet: that column only, no image bytes read); absent -> None."""
         import pyarrow.parquet as pq
 
         for chunk in self.chunks:
             if chunk.row_group >= 0:
                 try:
-                    table = pq.ParquetFile(chunk.path).read_row_group(chunk.row_group, columns=["caption"])
+                    f = pq.ParquetFile(chunk.path)
+                    if name not in f.schema_arrow.names:
+                        yield from [None] * chunk.rows
+                        continue
+                    table = f.read_row_group(chunk.row_group, columns=[name])
                 except Exception:  # noqa: BLE001 - counted when the row group is streamed
                     continue
-                yield from (c for c in table.column("caption").to_pylist() if isinstance(c, str))
+                yield from table.column(name).to_pylist()
             else:
                 for row in self._read_chunk(chunk):
-                    if row is not None and isinstance(row.get("caption"), str):
-                        yield row["caption"]
+                    yield row.get(name) if row is not None else None
+
+    def captions(self) -> Iterator[str]:
+        """Captions of every row."""
+        return (c for c in self.column("caption") if isinstance(c, str))
+
+    def carries_timesteps(self) -> bool:
+        """Whether these are step pairs (training/step_pairs.py), read from the first row's `timestep` alone."""
+        return _finite(next(self.column("timestep"), None)) is not None
 
     def prompt_counts(self) -> Counter:
         """Pairs per caption over the whole folder, for the 1/(pairs of its prompt) loss weights."""

@@ -37,7 +37,6 @@ from .preference_data import (
     CLEAR_GAP,
     PreferenceData,
     PreferencePair,
-    ReadStats,
     generate_pairs,
     load_pairs,
     plan_pairs,
@@ -408,9 +407,7 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
     spm, opt = accelerator.prepare(spm, opt)
     raw_spm: StepAwarePreferenceModel = accelerator.unwrap_model(spm)
 
-    first = next(data_set.stream(), (0, None))[1]
-    step_pairs = first is not None and first.timestep is not None  # training/step_pairs.py data
-    data_set.stats = ReadStats()  # the peek is not part of the run's reading
+    step_pairs = data_set.carries_timesteps()  # training/step_pairs.py data
     eval_set: list[PreferencePair] = []
     if main and p.eval_every > 0:
         if eval_data is not None:
