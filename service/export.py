@@ -73,6 +73,17 @@ def export(model: str, backend: str, *, manifest_path: Path | None = None, out: 
     if fp16 and torch.device(spec.device).type != "cuda":
         raise ExportError("--fp16 needs a CUDA device (--device cuda): fp16 convolutions do not run on the CPU")
     cache = cache_dir or default_cache_dir()
+    trt_backend = None
+    if backend == "tensorrt":  # before loading any weights: a missing library or GPU fails in a second
+        from .backends.trt import TensorRTBackend
+
+        if torch.device(spec.device).type != "cuda":
+            raise ExportError(f"--backend tensorrt builds engines on a CUDA device; add --device cuda (the model's "
+                              f"device is {spec.device!r})")
+        try:
+            trt_backend = TensorRTBackend(cache_dir=cache)
+        except RuntimeError as err:
+            raise ExportError(f"--backend tensorrt: {err}") from None
     dtype = torch.float16 if fp16 else torch.float32
     pipe = load_pipeline(spec.base, lora=spec.lora, lora_scale=spec.lora_scale, vae=spec.vae, unet=spec.unet,
                          dtype=dtype, device=spec.device)
@@ -86,9 +97,7 @@ def export(model: str, backend: str, *, manifest_path: Path | None = None, out: 
 
             _copy_out(ensure_onnx_vae_decoder(pipe, spec, artifacts)[0], out)
     else:
-        from .backends.trt import TensorRTBackend
-
-        path, _, _ = TensorRTBackend(cache_dir=cache).ensure_engine(pipe, spec)
+        path, _, _ = trt_backend.ensure_engine(pipe, spec)
     _copy_out(path, out)
     log.info("exported %s (%s) -> %s", spec.name, backend, path)
     return path

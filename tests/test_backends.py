@@ -247,6 +247,13 @@ def test_spo_export_writes_the_onnx_interface_and_names_bad_flags(smoke_model, t
         with pytest.raises(SystemExit):
             main(["export", "--backend", "onnx", "--cache", str(tmp_path / "cache"), *argv])
         assert flag in capsys.readouterr().err
+    if not tensorrt_available():  # refused before any weights load, naming the flag and what is missing
+        for device, says in (("cpu", "--device cuda"), ("cuda", "TensorRT Python package")):
+            with pytest.raises(SystemExit):
+                main(["export", "--model", str(smoke_model), "--backend", "tensorrt", "--device", device,
+                      "--cache", str(tmp_path / "cache")])
+            err = capsys.readouterr().err
+            assert "--backend tensorrt" in err and says in err, err
 
 
 def test_spo_export_prebuilds_the_vae_decoder_when_the_manifest_asks(smoke_model, tmp_path):

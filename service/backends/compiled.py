@@ -40,7 +40,7 @@ class CompileBackend(UNetBackend):
 
     def mode_for(self, spec: ModelSpec) -> str:
         """SPO_COMPILE_MODE, else inductor's default mode, the one measured on an H100 (3.3x eager for SD 1.5,
-        2.1x for SDXL with channels_last; benchmarks/results/h100-backends-2026-11-26). `reduce-overhead` (CUDA graphs)
+        3.0x for SDXL; benchmarks/results/h100-backends-2026-11-26). `reduce-overhead` (CUDA graphs)
         suits a deployment with one fixed batch size; `max-autotune-no-cudagraphs` tunes GEMMs for minutes more."""
         return self.mode or "default"
 
