@@ -60,10 +60,23 @@ class ModelRunner:
         """Images per pipeline call the backend accepts (None: no limit)."""
         return self.backend.max_images()
 
-    def warmup(self) -> None:
-        """One tiny call so the first request does not pay for lazy initialisation."""
+    def warmup(self, max_images: int | None = None) -> None:
+        """Pay lazy initialisation before the first request. A backend that compiles per input shape is also called
+        with the most images a batch can hold (`max_images`, else the model's max_n) and once at every other allowed
+        size, so its batch and spatial dimensions are compiled (dynamic, after two values) before any request."""
         width, height = parse_size(self.spec.defaults.size)
-        self.run([ImageRequest("warmup", 0)], width=width, height=height, steps=1, guidance=self.spec.defaults.guidance)
+        calls = [(1, width, height)]
+        if self.backend.compiles_per_shape:
+            # A worker batch holds several requests: up to its max_batch images, capped by what the backend built.
+            most = min(n for n in (max_images or self.spec.max_n, self.max_images) if n)
+            if most > 1:
+                calls.append((most, width, height))
+            calls += [(1, *parse_size(s)) for s in self.spec.sizes if parse_size(s) != (width, height)]
+        for n, w, h in calls:
+            started = time.perf_counter()
+            self.run([ImageRequest("warmup", seed) for seed in range(n)], width=w, height=h, steps=1,
+                     guidance=self.spec.defaults.guidance)
+            log.info("warm-up: %d image(s) at %dx%d in %.1fs", n, w, h, time.perf_counter() - started)
 
     @torch.inference_mode()
     def run(self, requests: list[ImageRequest], *, width: int, height: int, steps: int, guidance: float,

@@ -342,7 +342,7 @@ def run_worker(settings: Settings, model: str, *, metrics_port: int | None = Non
         raise SystemExit("spo worker needs SPO_REDIS_URL (or --redis-url); `spo serve` starts a Redis for you")
     spec = load_manifest(settings.manifest).get(model)
     runner = ModelRunner(spec, device=settings.device, threads=settings.torch_threads).load()
-    runner.warmup()
+    runner.warmup(max_images=settings.max_batch)
     if metrics_port is not None:
         from prometheus_client import start_http_server
 

@@ -287,3 +287,43 @@ def test_compile_backend_matches_eager_for_unet_and_vae_decoder(smoke_model):
         got = unet(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"]).sample
         assert (got - ref).abs().max().item() <= 1e-4
         assert (decoder(z) - pipe.vae.decoder(z)).abs().max().item() <= 1e-4
+
+
+def test_warmup_compiles_every_shape_class_before_requests(smoke_model, monkeypatch):
+    """torch.compile recompiles per new shape (~50 s on an H100): the worker's warm-up must call the largest batch
+    and every allowed size once; a backend without per-shape compiles keeps the single small call."""
+    from service.runner import ModelRunner
+
+    assert get_backend("compile").compiles_per_shape and not get_backend("torch").compiles_per_shape
+    runner = ModelRunner(_spec(smoke_model, "sd15", backend="torch"))  # sizes 64x64 + 128x128, max_n 4
+    calls = []
+    monkeypatch.setattr(runner, "run", lambda requests, *, width, height, steps, guidance, on_step=None:
+                        calls.append((len(requests), width, height, steps)))
+    runner.warmup(max_images=8)
+    assert calls == [(1, 64, 64, 1)]
+    calls.clear()
+    runner.backend.compiles_per_shape = True
+    runner.warmup(max_images=8)  # the worker's max_batch: a batch can hold two 4-image requests
+    assert calls == [(1, 64, 64, 1), (8, 64, 64, 1), (1, 128, 128, 1)]
+    calls.clear()
+    monkeypatch.setattr(runner.backend, "max_images", lambda: 6)  # an engine built for at most 6 images
+    runner.warmup(max_images=8)
+    assert calls[1] == (6, 64, 64, 1)
+
+
+@pytest.mark.slow  # inductor compiles the tiny UNet three times on the CPU: minutes
+def test_after_warmup_no_request_shape_recompiles(smoke_model):
+    """The claim warm-up rests on: after one call at the largest batch and one at each other size, dynamo's graph is
+    dynamic in batch and size, so other batch sizes and sizes run without compiling again."""
+    from torch._dynamo.utils import counters
+
+    from service.runner import ModelRunner
+
+    torch._dynamo.reset()
+    runner = ModelRunner(_spec(smoke_model, "sd15", backend="compile")).load()
+    runner.warmup(max_images=4)
+    compiled = counters["stats"]["unique_graphs"]
+    for n, size in ((2, 64), (3, 128), (4, 128)):
+        runner.run([ImageRequest("a red circle on a blue background", i) for i in range(n)], width=size,
+                   height=size, steps=2, guidance=5.0)
+    assert counters["stats"]["unique_graphs"] == compiled, "a request shape compiled again after warm-up"

@@ -19,6 +19,9 @@ class UNetBackend(ABC):
     """
 
     name: str
+    # True where each new input shape costs a compile (torch.compile): the worker then warms up every shape class
+    # a request can bring before it takes work (ModelRunner.warmup).
+    compiles_per_shape: bool = False
 
     @abstractmethod
     def prepare(self, pipe: Any, spec: ModelSpec) -> Any:
