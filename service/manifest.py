@@ -62,6 +62,7 @@ class Defaults(BaseModel):
 
 
 VAE_DECODER_BACKENDS = ("onnxruntime", "compile")  # those implementing prepare_vae_decoder
+CUDA_GRAPH_BACKENDS = ("compile", "tensorrt")  # those that can replay a static shape from a CUDA graph
 
 
 class ModelSpec(BaseModel):
@@ -84,6 +85,8 @@ class ModelSpec(BaseModel):
     scheduler: str = Field("default", description="the pipeline's own scheduler; part of the batching key")
     backend: str = "torch"
     compile_vae_decoder: bool = Field(False, description="run the VAE decoder on the backend too")
+    cuda_graphs: bool = Field(False, description="replay each (batch, size) from a CUDA graph (compile: mode "
+                                                 "reduce-overhead; tensorrt: one graph per shape); CUDA only")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
     description: str = ""
@@ -118,6 +121,8 @@ class ModelSpec(BaseModel):
         if self.compile_vae_decoder and self.backend not in VAE_DECODER_BACKENDS:
             raise ValueError(f"compile_vae_decoder needs backend {' or '.join(VAE_DECODER_BACKENDS)}, "
                              f"not {self.backend!r}")
+        if self.cuda_graphs and self.backend not in CUDA_GRAPH_BACKENDS:
+            raise ValueError(f"cuda_graphs needs backend {' or '.join(CUDA_GRAPH_BACKENDS)}, not {self.backend!r}")
         return self
 
     def is_local(self, ref: str) -> bool:

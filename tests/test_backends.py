@@ -121,6 +121,20 @@ def test_compile_vae_decoder_needs_a_backend_that_compiles_it(smoke_model):
         get_backend("torch").prepare_vae_decoder(None, torch_spec)
 
 
+def test_cuda_graphs_pick_the_compile_mode_and_need_a_cuda_device(smoke_model, monkeypatch):
+    from service.backends.compiled import CompileBackend
+
+    monkeypatch.delenv("SPO_COMPILE_MODE", raising=False)
+    spec = _spec(smoke_model, "sd15", backend="compile")
+    graphs = spec.model_copy(update={"cuda_graphs": True})
+    assert CompileBackend().mode_for(spec) == "default"  # the mode measured on the H100
+    assert CompileBackend().mode_for(graphs) == "reduce-overhead"
+    monkeypatch.setenv("SPO_COMPILE_MODE", "max-autotune")  # the operator's override wins
+    assert CompileBackend().mode_for(graphs) == "max-autotune"
+    with pytest.raises(RuntimeError, match="cuda_graphs needs a CUDA device"):
+        CompileBackend().prepare(load_pipeline(str(smoke_model)), graphs)
+
+
 def test_onnx_file_interface(smoke_model, shared_cache):
     import onnx
 

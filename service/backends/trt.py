@@ -6,7 +6,8 @@ Everything that does not need the library (profile shapes, cache keys, binding n
 
 The engine's optimisation profile covers UNet batch 1..2*max_n (classifier-free guidance doubles the image batch)
 and every allowed image size of the served model; builds reuse a timing cache per GPU. CUDA graphs are used only
-for static shapes: one execution context and one captured graph per (batch, height, width) seen.
+for static shapes (manifest `cuda_graphs: true`): one execution context and one captured graph per (batch, height,
+width) seen.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class TrtUNet(CompiledUNet):
 class TensorRTBackend(UNetBackend):
     name = "tensorrt"
 
-    def __init__(self, cache_dir: str | Path | None = None, cuda_graphs: bool = False) -> None:
+    def __init__(self, cache_dir: str | Path | None = None) -> None:
         if not tensorrt_available():
             raise RuntimeError("the tensorrt backend needs the TensorRT Python package (pip install "
                                "'spo-diffusion[tensorrt]' on a machine with an NVIDIA GPU)")
@@ -164,7 +165,6 @@ class TensorRTBackend(UNetBackend):
         from .ort import default_cache_dir
 
         self.cache = ArtifactCache(cache_dir or default_cache_dir())
-        self.cuda_graphs = cuda_graphs
         self.profile: ShapeProfile | None = None
 
     def ensure_engine(self, pipe: Any, spec: ModelSpec) -> tuple[Path, ShapeProfile, bool]:
@@ -191,7 +191,7 @@ class TensorRTBackend(UNetBackend):
     def prepare(self, pipe: Any, spec: ModelSpec) -> Any:
         plan, profile, fp16 = self.ensure_engine(pipe, spec)
         self.profile = profile
-        return TrtUNet(plan, pipe.unet, profile, torch.device(spec.device), fp16, cuda_graphs=self.cuda_graphs)
+        return TrtUNet(plan, pipe.unet, profile, torch.device(spec.device), fp16, cuda_graphs=spec.cuda_graphs)
 
     def max_images(self) -> int | None:
         return self.profile.max_batch // 2 if self.profile else None

@@ -103,6 +103,7 @@ def _write(tmp_path: Path, **changes) -> Path:
         ({"base": "not a hub id"}, "neither a local path"),
         ({"colour": "red"}, "models.0.colour"),
         ({"base": "org/hub-model", "defaults": {"steps": 4}, "sizes": []}, "give defaults.size"),
+        ({"cuda_graphs": True}, "cuda_graphs needs backend compile or tensorrt, not 'torch'"),
     ],
 )
 def test_bad_manifest_errors_name_the_field(tmp_path, changes, message):
