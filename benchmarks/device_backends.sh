@@ -7,28 +7,11 @@
 #      selects; not yet measured) and max-autotune-no-cudagraphs.
 # Seen on an H100 (2026-11-26): phase 1 needs ~330 s (compiles: SD 1.5 77 s, SDXL 141 s, VAE decoders), phase 2
 # ~120 s a model; give the call timeout_s 600.
-# Carry the wheels the machine lacks (diffusers; pydantic for the manifest) in .whl (/work/.library/device/README.md).
+# Carry the wheels the machine lacks (diffusers; pydantic for the manifest) in .whl (device_lib.sh installs them).
 set -u
 OUT=${OUT:-/tmp/device-out}
 BUDGET=${BUDGET:-570}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
-fi
-DEADLINE=$(( $(date +%s) + BUDGET ))
-phase() {  # phase NAME MAX_SECONDS COMMAND...
-  local name=$1 max=$2; shift 2
-  local left=$(( DEADLINE - $(date +%s) )); local limit=$(( max < left ? max : left ))
-  if [ "$limit" -le 20 ]; then echo "$name skipped: out of time" | tee -a "$OUT/phases.txt"; return; fi
-  local start; start=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name rc=$? $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$OUT/phases.txt"
-}
-{ nvidia-smi; python3 -c 'import torch, diffusers, onnxruntime as o; print(torch.__version__, diffusers.__version__,
-  o.__version__, o.get_available_providers())'; } > "$OUT/env.log" 2>&1
+source "$(dirname "$0")/device_lib.sh"
 phase gpu_unet 360 python3 benchmarks/gpu_unet.py --iters 30 --vae --out "$OUT/gpu_unet.json"
 phase gpu_served 250 python3 benchmarks/gpu_served.py --out "$OUT/gpu_served.json"
 phase gpu_unet_modes 400 python3 benchmarks/gpu_unet.py --only sd15 --iters 30 \

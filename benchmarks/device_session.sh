@@ -10,8 +10,8 @@
 # Each phase gets what is left of a deadline, so a slow phase cannot starve the rest; results.tgz is rewritten
 # after every phase so a cut-off run still returns what finished.
 #
-#   OUT=/tmp/out DEVICE=cpu N=64 NEVAL=16 EVAL_PAIRS=16 NRENDER=200 RENDER_PROCS=2 SPM_STEPS=20 PICKSCORE_STEPS=20 SKIP_BENCH=1 \
-#       bash benchmarks/device_session.sh   # dry run
+#   OUT=/tmp/out DEVICE=cpu N=64 NEVAL=16 EVAL_PAIRS=16 NRENDER=200 RENDER_PROCS=2 SPM_STEPS=20 SPM_MINUTES=1 \
+#       PICKSCORE_STEPS=20 SKIP_BENCH=1 bash benchmarks/device_session.sh   # dry run (~6 min on 2 cores)
 set -u
 OUT=${OUT:-/tmp/device-out}
 DEVICE=${DEVICE:-cuda}
@@ -28,16 +28,10 @@ EVAL_PAIRS=${EVAL_PAIRS:-500}  # fresh held-out pairs for `spo eval spm`
 BUDGET=${BUDGET:-540}  # seconds for everything
 GUIDANCE=${GUIDANCE:-1.5,3,5,7.5}
 STEPS=${STEPS:-4,6,8,12,20}
-mkdir -p "$OUT/logs" runs data
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 TOKENIZERS_PARALLELISM=false
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
-else
-  export PYTHONPATH=$PWD:${PYTHONPATH:-}
-fi
-DEADLINE=$(( $(date +%s) + BUDGET ))
+mkdir -p runs data
+LOGS=$OUT/logs AFTER_PHASE=pack
+export TQDM_MININTERVAL=10
+source "$(dirname "$0")/device_lib.sh"
 export OUT DEVICE N NEVAL BATCH SPM_STEPS SPM_MINUTES GUIDANCE STEPS NRENDER RENDER_PROCS PICKSCORE_STEPS EVAL_PAIRS \
     PICKSCORE_MINUTES
 spo() { python3 -c 'import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
@@ -46,17 +40,6 @@ pack() {
     -C "$PWD" $(ls -d runs/pickscore-tiny runs/spm-tiny runs/spm-tiny-notime data/spm-pairs/info.json \
                    data/spm-pairs/preview.png data/spm-eval/info.json data/renders/*/info.json 2>/dev/null) 2>/dev/null
 }
-phase() {  # phase NAME MAX_SECONDS COMMAND...
-  local name=$1 max=$2; shift 2
-  local left=$(( DEADLINE - $(date +%s) )); local limit=$(( max < left ? max : left ))
-  if [ "$limit" -le 5 ]; then echo "$name skipped: out of time" | tee -a "$OUT/phases.txt"; return; fi
-  local start; start=$(date +%s)
-  timeout "$limit" bash -c '"$@"' _ "$@" > "$OUT/logs/$name.log" 2>&1  # bash -c: phases may be functions
-  echo "$name rc=$? $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$OUT/phases.txt"
-  pack
-}
-{ nvidia-smi; python3 -c 'import torch, diffusers, onnxruntime as o; print(torch.__version__, diffusers.__version__,
-  o.__version__, o.get_available_providers())'; } > "$OUT/logs/env.log" 2>&1
 
 both_data() {  # GPU: the model's pairs; CPU cores meanwhile: render pairs, one folder per process
   for i in $(seq 1 "$RENDER_PROCS"); do

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from service.manifest import load_manifest  # noqa: E402
 from service.pipeline import ImageRequest  # noqa: E402
 from service.runner import ModelRunner  # noqa: E402
+from service.sizes import parse_size  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         spec = manifest.get(name)
-        width, height = (int(v) for v in spec.defaults.size.split("x"))
+        width, height = parse_size(spec.defaults.size)
         requests = [ImageRequest("a red circle on a blue background", seed) for seed in range(args.images)]
         row: dict = {"model": name, "kind": spec.kind, "size": spec.defaults.size, "images": args.images,
                      "steps": args.steps, "gpu": torch.cuda.get_device_name() if cuda else "cpu",

@@ -63,14 +63,16 @@ def compiled_its(module: torch.nn.Module, call, iters: int, mode: str) -> tuple[
     return seconds, its(lambda: call(compiled), iters)
 
 
-def bench(name: str, config: dict, vae_config: dict, iters: int, modes: list[str], vae: bool, save) -> dict:
+def bench(name: str, config: dict, vae_config: dict, iters: int, modes: list[str], vae: bool, results: list[dict],
+          save) -> None:
+    """Append this model's row to `results` and fill it in, calling `save()` after every measurement."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from service.artifacts import profile_for
     from service.backends.onnx_export import example_inputs, export_unet
 
     with torch.device(DEVICE):  # random init on the GPU: seconds instead of a minute for SDXL's 2.6B parameters
-        unet = UNet2DConditionModel(**config).to(DTYPE).eval().requires_grad_(False)
+        unet = UNet2DConditionModel.from_config(config).to(DTYPE).eval().requires_grad_(False)
     latent = config["sample_size"]
     profile = profile_for(unet.config, [(latent * 8,) * 2], max_images=1, text_len=77)
     x = example_inputs(profile, 2, (latent,) * 2, DTYPE, DEVICE)
@@ -78,6 +80,7 @@ def bench(name: str, config: dict, vae_config: dict, iters: int, modes: list[str
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
     result = {"model": name, "params_m": sum(p.numel() for p in unet.parameters()) / 1e6, "batch": 2,
               "latent": latent, "gpu": gpu, "torch": torch.__version__, "compile": {}}
+    results.append(result)
 
     @torch.inference_mode()
     def call(module):
@@ -103,15 +106,15 @@ def bench(name: str, config: dict, vae_config: dict, iters: int, modes: list[str
             del graph
         except Exception as err:  # report, don't hide: the other rows still count
             result["eager_cuda_graph_error"] = repr(err)[:500]
-    save(result)
+    save()
     for mode in modes:
         seconds, rate = compiled_its(unet, call, iters, mode)
         result["compile"][mode] = {"compile_s": seconds, "it_s": rate}
         print(f"{name} compile {mode}: {rate:.1f} it/s after {seconds:.0f} s", flush=True)
-        save(result)
+        save()
     if vae:
         with torch.device(DEVICE):
-            decoder = AutoencoderKL(**vae_config).to(DTYPE).eval().requires_grad_(False).decoder
+            decoder = AutoencoderKL.from_config(vae_config).to(DTYPE).eval().requires_grad_(False).decoder
         z = torch.randn(1, decoder.conv_in.in_channels, latent, latent, device=DEVICE, dtype=DTYPE)
 
         @torch.inference_mode()
@@ -123,7 +126,7 @@ def bench(name: str, config: dict, vae_config: dict, iters: int, modes: list[str
         seconds, rate = compiled_its(decoder, decode, max(iters // 3, 5), modes[0] if modes else "default")
         row.update(compile_mode=modes[0] if modes else "default", compile_s=seconds, compile_ms=1e3 / rate)
         result["vae_decoder"] = row
-        save(result)
+        save()
     try:
         import onnxruntime as ort
 
@@ -147,13 +150,7 @@ def bench(name: str, config: dict, vae_config: dict, iters: int, modes: list[str
     except ImportError:
         result["tensorrt_it_s"] = None
         result["tensorrt_note"] = "tensorrt not importable on this machine"
-    save(result)
-    return result
-
-
-def _config(path: Path) -> dict:
-    """A diffusers config.json as constructor arguments (without its `_`-prefixed bookkeeping)."""
-    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    save()
 
 
 def main() -> None:
@@ -173,8 +170,11 @@ def main() -> None:
     if args.dry_run:
         global DEVICE, DTYPE
         DEVICE, DTYPE = "cpu", torch.float32
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
         models = Path(__file__).resolve().parents[1] / "models"
-        configs = {name: tuple(_config(models / folder / part / "config.json") for part in ("unet", "vae"))
+        configs = {name: (UNet2DConditionModel.load_config(models / folder / "unet"),
+                          AutoencoderKL.load_config(models / folder / "vae"))
                    for name, folder in (("sd15", "spo-tiny"), ("sdxl", "spo-tiny-xl"))}
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/gpu_unet.py needs a CUDA GPU (or --dry-run)")
@@ -182,14 +182,12 @@ def main() -> None:
     modes = [m for m in args.compile_modes.split(",") if m]
     results: list[dict] = []
 
-    def save(result: dict) -> None:
-        rows = results + [result] if result not in results else results
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(results, indent=2))
 
     for name, (config, vae_config) in configs.items():
         if args.only in (None, name):
-            results.append(bench(name, config, vae_config, args.iters, modes, args.vae, save))
-            save(results[-1])
+            bench(name, config, vae_config, args.iters, modes, args.vae, results, save)
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()  # the last model's weights are garbage now
     for r in results:
