@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from service.backends.onnx_export import example_inputs  # noqa: E402
-from service.backends.ort import OnnxRuntimeBackend  # noqa: E402
-from service.manifest import ModelSpec  # noqa: E402
-from service.pipeline import ImageRequest, generate, load_pipeline  # noqa: E402
+from service.contracts.manifest import ModelSpec  # noqa: E402
+from service.worker.backends.onnx_export import example_inputs  # noqa: E402
+from service.worker.backends.ort import OnnxRuntimeBackend  # noqa: E402
+from service.worker.pipeline import generate, load_pipeline  # noqa: E402
+from service.worker.runner import ImageRequest
 
 
 def time_calls(fn, repeats: int) -> float:

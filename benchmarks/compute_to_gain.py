@@ -66,7 +66,7 @@ def main() -> None:
                              "the same (checked: equal base quality on the same held-out items)")
     args = parser.parse_args()
 
-    from service.pipeline import load_pipeline
+    from service.worker.pipeline import load_pipeline
 
     out = Path(args.out)
     results = json.loads((out / "results.json").read_text()) if args.report_only else None

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One lent-GPU session for the UNet backends (issue 4), prepared to fit the device tool's limits (one command,
+# One lent-GPU session for the UNet backends, prepared to fit the device tool's limits (one command,
 # <= 10 min, results under $OUT, each phase cut at what is left of a deadline so a slow one cannot starve the rest):
 #   1. benchmarks/gpu_unet.py: SD 1.5 and SDXL architectures, eager / channels_last / torch.compile, VAE decoder,
 #   2. benchmarks/gpu_served.py: spo-tiny and spo-tiny-xl through ModelRunner, `torch` vs `compile` backend,

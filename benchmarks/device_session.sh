@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session, prepared to fit the device tool's limits (one command, <= 10 min, results under $OUT):
 #   1. >= 20k preference pairs from spo-tiny (each image with its own CFG scale and step count: two seeds of one
-#      setting differ too little to survive the VAE, issue 5) + held-out evaluation pairs,
+#      setting differ too little to survive the VAE round trip) + held-out evaluation pairs,
 #      and, on the CPU cores at the same time, generic render pairs (`spo data renders`, several processes),
 #   2. a tiny PickScore on the render pairs (`--clean-images`), then the tiny step-aware preference model and its
 #      no-time-conditioning ablation from it (`--init`, side by side on the GPU),

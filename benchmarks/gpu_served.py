@@ -25,10 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.manifest import load_manifest  # noqa: E402
-from service.pipeline import ImageRequest  # noqa: E402
-from service.runner import ModelRunner  # noqa: E402
-from service.sizes import parse_size  # noqa: E402
+from service.contracts.manifest import load_manifest  # noqa: E402
+from service.contracts.sizes import parse_size  # noqa: E402
+from service.worker.model_runner import ModelRunner  # noqa: E402
+from service.worker.runner import ImageRequest  # noqa: E402
 
 
 def main() -> None:

@@ -68,8 +68,8 @@ def bench(name: str, config: dict, vae_config: dict, iters: int, modes: list[str
     """Append this model's row to `results` and fill it in, calling `save()` after every measurement."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from service.artifacts import profile_for
-    from service.backends.onnx_export import example_inputs, export_unet
+    from service.worker.artifacts import profile_for
+    from service.worker.backends.onnx_export import example_inputs, export_unet
 
     with torch.device(DEVICE):  # random init on the GPU: seconds instead of a minute for SDXL's 2.6B parameters
         unet = UNet2DConditionModel.from_config(config).to(DTYPE).eval().requires_grad_(False)
@@ -131,7 +131,7 @@ def bench(name: str, config: dict, vae_config: dict, iters: int, modes: list[str
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" in ort.get_available_providers():
-            from service.backends.ort import OrtUNet
+            from service.worker.backends.ort import OrtUNet
 
             with tempfile.TemporaryDirectory() as d:
                 path = export_unet(unet, Path(d) / "unet.onnx", profile, fp16=True)

@@ -35,15 +35,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 
-from service.pipeline import load_pipeline  # noqa: E402
-from training.cli import _float_list, _int_list, _number_list  # noqa: E402
+from service.cli_args import float_list, int_list, number_list  # noqa: E402
+from service.worker.pipeline import load_pipeline  # noqa: E402
 from training.conditioning import PromptBatch, cfg_eps  # noqa: E402
+from training.evaluate_spm import EVAL_SEED, EVAL_TIMESTEPS, rater_on_previews  # noqa: E402
 from training.latents import decode_to_uint8, decode_to_unit  # noqa: E402
 from training.preference_data import CLEAR_GAP, by_setting, plan_pairs  # noqa: E402
 from training.rater import rate  # noqa: E402
 from training.spm import StepAwarePreferenceModel  # noqa: E402
 from training.spo import ddim_step, predicted_x0  # noqa: E402
-from training.train_spm import EVAL_SEED, EVAL_TIMESTEPS, StepImages, draw_t_and_noise, rater_on_previews  # noqa: E402
+from training.step_images import StepImages, draw_t_and_noise  # noqa: E402
 
 
 @torch.no_grad()
@@ -94,13 +95,13 @@ def main() -> None:
     parser.add_argument("--completions", type=int, default=4, help="finishes per noised latent; 0: no such column")
     parser.add_argument("--spm", action="append", default=[], metavar="DIR",
                         help="also score both kinds of previews with this SPM (repeatable)")
-    parser.add_argument("--guidance", type=_float_list, default=(1.5, 3.0, 5.0, 7.5),
+    parser.add_argument("--guidance", type=float_list, default=(1.5, 3.0, 5.0, 7.5),
                         help="as given to `spo eval spm --guidance`")
-    parser.add_argument("--steps", type=_int_list, default=(4, 6, 8, 12, 20), help="as given to `spo eval spm --steps`")
+    parser.add_argument("--steps", type=int_list, default=(4, 6, 8, 12, 20), help="as given to `spo eval spm --steps`")
     parser.add_argument("--seed", type=int, default=4321, help="`spo eval spm`'s seed: the same pairs and noise")
     parser.add_argument("--completion-settings", choices=["fixed", "own"], default="fixed",
                         help="finish at CFG 5 / 20 steps (fixed), or with each image's own CFG and step count")
-    parser.add_argument("--timesteps", type=_number_list(int, "timesteps", minimum=0), default=EVAL_TIMESTEPS)
+    parser.add_argument("--timesteps", type=number_list(int, "timesteps", minimum=0), default=EVAL_TIMESTEPS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 

@@ -44,11 +44,14 @@ def main() -> None:
     from accelerate import Accelerator
 
     from training.architectures import build_random_sd15_pipeline
+    from training.lora import add_lora
+    from training.presets import SPO_PRESETS
+    from training.scorers import spm_scorer
     from training.spm import build_spm
-    from training.train_spo import PRESETS, add_lora, sample_step_pairs, spm_scorer, train_on_pairs
+    from training.train_spo import sample_step_pairs, train_on_pairs
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    p = replace(PRESETS["sd15"], prompts_per_batch=args.prompts, num_candidates=args.candidates,
+    p = replace(SPO_PRESETS["sd15"], prompts_per_batch=args.prompts, num_candidates=args.candidates,
                 num_steps=args.steps, threshold=-1.0)
     accelerator = Accelerator(mixed_precision="fp16" if gpu else "no", cpu=not gpu)
     dtype = torch.float16 if gpu else torch.float32
@@ -59,7 +62,7 @@ def main() -> None:
     pipe.to(accelerator.device, dtype)
     spm = spm.to(accelerator.device, dtype).eval()
     unet = pipe.unet
-    params = add_lora(unet, p, dtype)
+    params = add_lora(unet, p.lora_rank, p.lora_targets, dtype)
     optimizer = torch.optim.AdamW(params, lr=p.lr)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     prompts = ["a red circle on a blue background", "a green square on a white background"] * args.prompts

@@ -4,7 +4,8 @@
 
 For each branch step s of a 20-step eta = 1 DDIM trajectory (CFG 5), K = 4 candidates x_{s+1} are drawn from the same
 parent (as SPO's step-wise resampler does). Two things are measured per candidate:
-  * what a step-unaware scorer sees: the rater on the decoded DDIM x0 prediction at the next step (SPO.md §2.3), and
+  * what a step-unaware scorer sees: the rater on the decoded DDIM x0 prediction at the next step (docs/spo.md
+    §2.3), and
   * what the choice is worth: the rater's visual-quality part of the final image, averaged over `--continuations`
     independent continuations of that candidate.
 It prints, per step, the within-group rank correlation of the two, how often the scorer's best candidate ends better
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from service.pipeline import load_pipeline  # noqa: E402
+from service.worker.pipeline import load_pipeline  # noqa: E402
 from training.conditioning import cfg_eps, encode_prompts  # noqa: E402
 from training.evaluate import eval_items  # noqa: E402
 from training.latents import decode_to_uint8  # noqa: E402

@@ -1,7 +1,8 @@
 """`spo`: one command line for serving and training.
 
-Serving commands live here; training commands are registered by `training.cli` when the training package's
-dependencies are installed (the API image does not install them). Heavy imports happen inside each command.
+Serving commands live here; the training commands are registered by `training.cli` when the training package's
+dependencies are installed (the API image does not install them): this dispatch is the one place `service` reaches
+into `training`. Heavy imports happen inside each command.
 """
 
 from __future__ import annotations
@@ -11,27 +12,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.contracts.config import Settings
+    from service.contracts.manifest import Manifest, ModelSpec
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silence optional-dependency notices on import
 
-def parse_size(value: str) -> tuple[int, int]:
-    """argparse type for 'WxH'."""
-    from .sizes import parse_size as parse
-
-    try:
-        return parse(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+from service.cli_args import HelpFormatter, image_size, port, positive_int, settings_or_error  # noqa: E402
 
 
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -42,11 +31,11 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"argument --lora: {args.lora!r} does not exist")
 
     import torch
+    from diffusers.utils import make_image_grid
     from PIL import Image
 
-    from training.plots import image_grid
-
-    from .pipeline import ImageRequest, generate, load_pipeline
+    from service.worker.pipeline import generate, load_pipeline
+    from service.worker.runner import ImageRequest
 
     torch.manual_seed(0)
     pipe = load_pipeline(str(model), lora=args.lora, lora_scale=args.lora_scale, device=args.device)
@@ -55,54 +44,42 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     images = generate(pipe, requests, steps=args.steps, guidance=args.guidance, width=width, height=height)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    picture = Image.fromarray(images[0]) if len(images) == 1 else image_grid(images, cols=min(len(images), 4))
+    pictures = [Image.fromarray(image) for image in images]
+    cols = min(len(pictures), 4)
+    picture = make_image_grid(pictures, rows=-(-len(pictures) // cols), cols=cols) if len(pictures) > 1 \
+        else pictures[0]
     picture.save(out)
     print(f"wrote {out} ({len(images)} image(s), {width}x{height}, seeds {args.seed}..{args.seed + args.n - 1})")
     return 0
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate images with a diffusers model folder (grid when --n > 1)")
+    p = sub.add_parser("generate", help="generate images with a diffusers model folder (grid when --n > 1)",
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="diffusers pipeline folder, e.g. models/spo-tiny")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--n", type=positive_int, default=1)
-    p.add_argument("--size", type=parse_size, default=None, help="WxH, multiples of 8 (default: the model's)")
+    p.add_argument("--steps", type=positive_int, default=20, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--n", type=positive_int, default=1, help="images to generate")
+    p.add_argument("--size", type=image_size, default=None, help="WxH, multiples of 8 (default: the model's)")
     p.add_argument("--lora", default=None, help="diffusers-format LoRA folder or file to fuse into the UNet")
-    p.add_argument("--lora-scale", type=float, default=1.0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="out.png")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the fused LoRA")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default="out.png", help="PNG to write (a grid when --n > 1)")
     p.set_defaults(func=_cmd_generate, _parser=p)
 
 
 # -- serving: `spo serve` (everything on one machine), `spo api`, `spo worker` ------------------------------------
 
 
-def _port(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
-    if not 0 < n < 65536:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {n}")
-    return n
-
-
-def _serving_settings(args: argparse.Namespace, parser: argparse.ArgumentParser):
+def _serving_settings(args: argparse.Namespace,
+                      parser: argparse.ArgumentParser) -> tuple[Settings, Manifest, list[str]]:
     """Settings from SPO_* env, overridden by the flags given; a bad env value or manifest names its source."""
-    from pydantic import ValidationError
+    from service.contracts.manifest import ManifestError, load_manifest
 
-    from .config import Settings
-    from .manifest import ManifestError, load_manifest
-
-    try:
-        settings = Settings()
-    except ValidationError as err:
-        first = err.errors()[0]
-        parser.error(f"environment variable SPO_{str(first['loc'][0]).upper()}: {first['msg']}")
+    settings = settings_or_error(parser)
     overrides = {name: getattr(args, name) for name in ("redis_url", "manifest", "device", "max_batch",
                                                         "max_wait_ms", "torch_threads")
                  if getattr(args, name, None) is not None}
@@ -119,14 +96,16 @@ def _serving_settings(args: argparse.Namespace, parser: argparse.ArgumentParser)
     return settings, manifest, models
 
 
-def _require_local_weights(spec, parser: argparse.ArgumentParser) -> None:
-    if spec.is_local(spec.base) and not (Path(spec.base) / "model_index.json").is_file():
+def _require_local_weights(spec: ModelSpec, parser: argparse.ArgumentParser) -> None:
+    from service.contracts.manifest import is_local_ref
+
+    if is_local_ref(spec.base) and not (Path(spec.base) / "model_index.json").is_file():
         parser.error(f"argument --model: {spec.name!r} needs a diffusers folder at {spec.base} (model_index.json "
                      f"missing); train it with `spo train base` or point the manifest elsewhere")
 
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .serve import serve
+    from service.serve import serve
 
     settings, manifest, models = _serving_settings(args, parser)
     models = models or manifest.names[:1]
@@ -145,7 +124,7 @@ def _cmd_api(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("argument --redis-url: required (or set SPO_REDIS_URL); `spo serve` starts a private Redis")
     import uvicorn
 
-    from .api import create_app
+    from service.api.app import create_app
 
     app = create_app(settings.model_copy(update={"models": models}), manifest)
     uvicorn.run(app, host=args.host, port=args.port, log_level=logging.getLevelName(logging.getLogger().level).lower())
@@ -159,8 +138,8 @@ def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     model = args.model or (settings.models[0] if settings.models else manifest.names[0])
     spec = manifest.get(model)
     _require_local_weights(spec, parser)
-    from .backends import UnknownBackendError
-    from .worker import run_worker
+    from service.worker.backends import UnknownBackendError
+    from service.worker.loop import run_worker
 
     try:
         return run_worker(settings, model, metrics_port=args.metrics_port)
@@ -183,37 +162,39 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
                                                                                "SPO_TORCH_THREADS)")
 
     p = sub.add_parser("serve", help="run the service on this machine: API + one worker per model (+ a private "
-                                     "Redis when SPO_REDIS_URL is unset)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=8000)
+                                     "Redis when SPO_REDIS_URL is unset)", formatter_class=HelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    p.add_argument("--port", type=port, default=8000, help="port the API listens on")
     p.add_argument("--model", action="append", default=None, help="model to serve (repeatable; default: the "
                                                                    "manifest's first, spo-tiny)")
     common(p)
     worker_flags(p)
     p.set_defaults(func=_cmd_serve, _parser=p)
 
-    p = sub.add_parser("api", help="run the HTTP API only (needs a Redis and workers elsewhere)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=8000)
+    p = sub.add_parser("api", help="run the HTTP API only (needs a Redis and workers elsewhere)",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    p.add_argument("--port", type=port, default=8000, help="port the API listens on")
     p.add_argument("--model", action="append", default=None, help="model to expose (repeatable; default: all)")
     common(p)
     p.set_defaults(func=_cmd_api, _parser=p)
 
-    p = sub.add_parser("worker", help="run one worker: load a model, serve its queue until SIGTERM (drains)")
+    p = sub.add_parser("worker", help="run one worker: load a model, serve its queue until SIGTERM (drains)",
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", default=None, help="model to serve (default: SPO_MODELS' first, else the manifest's)")
-    p.add_argument("--metrics-port", type=_port, default=None, help="expose this worker's /metrics on this port")
+    p.add_argument("--metrics-port", type=port, default=None, help="expose this worker's /metrics on this port")
     common(p)
     worker_flags(p)
     p.set_defaults(func=_cmd_worker, _parser=p)
 
 
 def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .export import ExportError, export
-    from .pipeline import ModelLoadError
+    from service.worker.export import ExportError, export
+    from service.worker.pipeline import ModelLoadError
 
-    manifest = Path(args.manifest) if args.manifest else None
-    if manifest is not None and not manifest.is_file():
-        parser.error(f"argument --manifest: no file at {args.manifest!r}")
+    manifest = args.manifest or settings_or_error(parser).manifest
+    if not manifest.is_file():
+        parser.error(f"argument --manifest: no file at {str(manifest)!r}")
     try:
         path = export(args.model, args.backend, manifest_path=manifest, out=Path(args.out) if args.out else None,
                       fp16=args.fp16, max_batch=args.max_batch, sizes=args.sizes, device=args.device,
@@ -225,10 +206,13 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a served model's UNet to ONNX / build its TensorRT engine (cached)")
+    p = sub.add_parser("export", help="export a served model's UNet to ONNX / build its TensorRT engine (cached)",
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="a model name in the manifest, or a diffusers pipeline folder")
-    p.add_argument("--backend", required=True, choices=["onnx", "tensorrt"])
-    p.add_argument("--manifest", default=os.environ.get("SPO_MANIFEST", "models/models.yaml"))
+    p.add_argument("--backend", required=True, choices=["onnxruntime", "tensorrt"],
+                   help="the manifest backend to build for: onnxruntime (the ONNX file) or tensorrt (its engine)")
+    p.add_argument("--manifest", type=Path, default=None, help="served-model manifest (env SPO_MANIFEST; default "
+                                                               "models/models.yaml)")
     p.add_argument("--out", default=None, help="also write DIR/unet.onnx (or unet.plan) for other tools")
     p.add_argument("--fp16", action="store_true", help="fp16 weights (needs --device cuda)")
     p.add_argument("--max-batch", type=positive_int, default=None, help="images per call (UNet batch 2x: CFG)")
@@ -240,16 +224,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spo", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_serving(sub)
     _add_export(sub)
     try:
-        from training.cli import register as register_training
+        from training.cli import register as register_training  # the `spo` CLI dispatches to both packages
     except ImportError as err:  # the API-only install: say how to get the training commands
         missing = str(err)
 
-        def _no_training(args, parser):
+        def _no_training(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"training commands need the training extra: pip install 'spo-diffusion[train]' ({missing})")
 
         for name in ("train", "data", "eval"):
@@ -259,11 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spo-diffusion")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("SPO_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from service.contracts.config import configure_logging
+
+    configure_logging(settings_or_error(parser).log_level)
     # Subcommand errors should name the subcommand's own flags.
     sub_parser = getattr(args, "_parser", parser)
     return int(args.func(args, sub_parser) or 0)

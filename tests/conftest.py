@@ -38,11 +38,12 @@ def random_pipeline(tmp_path_factory) -> Path:
     import torch
 
     from training import architectures as arch
-    from training.train_base import PRESETS, build_pipeline
+    from training.presets import BASE_PRESETS
+    from training.train_base import build_pipeline
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("random") / "model"
-    widths = PRESETS["smoke"].widths
+    widths = BASE_PRESETS["smoke"].widths
     tokenizer = arch.write_tokenizer(out / "tokenizer")
     pipe = build_pipeline("sd15", arch.build_vae(widths), tokenizer,
                           [arch.build_sd15_text_encoder(tokenizer, widths)], arch.build_sd15_unet(widths))

@@ -25,7 +25,7 @@ def test_committed_model_loads_with_plain_diffusers(folder, cls, monkeypatch):
 
 def test_spo_tiny_follows_prompts(tiny_model):
     """A small fixed-seed sample of training combinations: the full report is `spo eval base` (README)."""
-    from service.pipeline import load_pipeline
+    from service.worker.pipeline import load_pipeline
     from training.evaluate import eval_items, generate_and_rate, summarise
 
     pipe = load_pipeline(str(tiny_model))

@@ -66,7 +66,7 @@ def test_write_render_pairs_resumes_and_reads_back(tmp_path):
 
 
 def test_clean_images_training_skips_the_diffusion_model(tmp_path, random_pipeline, monkeypatch):
-    from training import train_spm as ts
+    from training import step_images as ts
 
     data = tmp_path / "renders"
     write_render_pairs(data, 16, seed=1)

@@ -3,7 +3,7 @@
 import torch
 from diffusers import DDIMScheduler
 
-from training.sampler import spo_sample
+from training.sampler import Scorer, spo_sample
 
 
 def _scheduler():
@@ -15,8 +15,11 @@ def eps_fn(x, t, prompt_index):
     return 0.5 * x + 0.01 * prompt_index.float().reshape(-1, 1, 1, 1)
 
 
-def score_by_mean(x0, prompt_index, t):
+def _by_mean(x0, prompt_index, t):
     return x0.float().mean(dim=(1, 2, 3)) * 100
+
+
+score_by_mean = Scorer(_by_mean)
 
 
 def _run(**kw):
@@ -66,7 +69,7 @@ def test_threshold_drops_unclear_comparisons():
     def flat_scores(x0, prompt_index, t):
         return torch.zeros(x0.shape[0])
 
-    res = _run(score_fn=flat_scores, threshold=0.3)
+    res = _run(score_fn=Scorer(flat_scores), threshold=0.3)
     assert res.kept == 0 and res.pairs is None and res.keep_rate == 0.0
     assert res.final_latents.shape == (3, 4, 8, 8)
 
@@ -104,16 +107,15 @@ def test_per_prompt_generators_make_a_prompt_independent_of_its_batch():
 
 
 def test_a_latent_scorer_gets_the_candidates_and_judges_the_recorded_transitions():
-    """`scores_latents = True` (the lookahead scorer): the score_fn sees each candidate x_{t-1} itself, not its x0
-    preview."""
+    """`Scorer(..., scores_latents=True)` (the lookahead scorer): the scorer sees each candidate x_{t-1} itself, not
+    its x0 preview."""
     seen = []
 
     def by_latent_mean(latents, prompt_index, t):
         seen.append(latents.clone())
         return latents.float().mean(dim=(1, 2, 3)) * 100
 
-    by_latent_mean.scores_latents = True
-    p = _run(score_fn=by_latent_mean).pairs
+    p = _run(score_fn=Scorer(by_latent_mean, scores_latents=True)).pairs
     assert (p.x_prev_win.mean(dim=(1, 2, 3)) > p.x_prev_lose.mean(dim=(1, 2, 3))).all()
     # The first comparison's winners (one per prompt) are among the very latents the scorer was given.
     assert all(any(torch.equal(candidate, win) for candidate in seen[0]) for win in p.x_prev_win[:3])

@@ -145,7 +145,7 @@ def test_wraps_a_local_pickscore_style_checkpoint(tmp_path, tokenizer):
 
 
 def test_sd15_and_sdxl_presets_build_the_vit_h14_architecture_without_allocating(tokenizer, tmp_path):
-    from training.train_spm import PRESETS
+    from training.presets import SPM_PRESETS as PRESETS
 
     tokenizer.save_pretrained(tmp_path / "tok")
     with torch.device("meta"):

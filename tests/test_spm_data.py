@@ -180,7 +180,7 @@ def test_write_pairs_from_a_model_resumes_and_reads_back(tmp_path, random_pipeli
 def test_generate_pairs_fills_calls_across_mixed_settings_and_keeps_plan_order(monkeypatch):
     """With many (CFG, steps) settings, one call per setting for the whole window, not a few images per call;
     every image still goes to its own pair and slot."""
-    import service.pipeline
+    import service.worker.pipeline
     from training.preference_data import generate_pairs
 
     calls = []
@@ -194,7 +194,7 @@ def test_generate_pairs_fills_calls_across_mixed_settings_and_keeps_plan_order(m
         unet = type("U", (), {"config": type("C", (), {"sample_size": 2})()})()
         vae_scale_factor = 4
 
-    monkeypatch.setattr(service.pipeline, "generate", fake_generate)
+    monkeypatch.setattr(service.worker.pipeline, "generate", fake_generate)
     plans = plan_pairs(48, seed=5, guidance=(1.5, 5.0), steps=(4, 8, 20))
     pairs = list(generate_pairs(Pipe(), plans, batch=4, progress=False))
     assert [g.plan for g in pairs] == plans

@@ -1,8 +1,9 @@
-"""Learnability of the tiny SPM (issue 5): the model and PickScore loss must learn a clear preference.
+"""Learnability of the tiny SPM: the model and PickScore loss must learn a clear preference.
 
 Clean shapes-world renders against blurred or noisy copies of the same render (what the rater scores lower on
 crispness / uniformity), fed at t = 0 straight to the SPM (no diffusion noising), on held-out combinations. A model
-whose scores collapse to equal values (the symptom of issue 5: loss ln 2, agreement 0.5) stays at 50%.
+whose scores collapse to equal values (the symptom of an SPM that learns nothing: loss ln 2, agreement 0.5) stays at
+50%.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import pytest
 import torch
 from scipy import ndimage
 
+from training.presets import SPM_PRESETS as PRESETS
 from training.shapes import HELD_OUT, TRAIN_COMBOS, render, sample_scene
 from training.spm import build_spm
-from training.train_spm import PRESETS, pair_losses
+from training.train_spm import pair_losses
 
 
 def _pairs(n: int, seed: int, combos) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:

@@ -94,7 +94,7 @@ def test_two_processes_give_the_one_process_losses(tmp_path, random_pipeline):
     # --multi_gpu is accelerate's torchrun launcher (gloo on CPU); `--cpu` alone would start ONE process.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "training.train_spm", "--data", str(data),
+           "-m", "training.cli", "train", "spm", "--data", str(data),
            "--model", str(random_pipeline), "--out", str(tmp_path / "two"), "--seed", "3", "--steps", "5",
            "--batch-size", "4", "--micro-batch", "1", "--warmup", "2", "--eval-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -134,9 +134,9 @@ class _CleanPreviews:
 
 
 def test_rater_on_clean_previews_agrees_with_the_reference(tmp_path):
+    from training.evaluate_spm import pairwise_correct, rater_on_previews
     from training.preference_data import load_pairs
     from training.render_pairs import write_render_pairs
-    from training.train_spm import pairwise_correct, rater_on_previews
 
     write_render_pairs(tmp_path / "renders", 24, temperature=0.0, seed=5)
     pairs = [p for p in load_pairs(tmp_path / "renders")[0] if p.preference != 0.5]

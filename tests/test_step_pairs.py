@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from service.cli import main
-from service.pipeline import load_pipeline
+from service.worker.pipeline import load_pipeline
 from training.conditioning import cfg_eps, encode_prompts
 from training.preference_data import PreferenceData, PreferencePair, ReadStats, load_pairs, row_to_pair
 from training.rater import rate
 from training.sampler import ddim_lookahead
 from training.spm import StepAwarePreferenceModel
 from training.spo import predicted_x0
+from training.step_images import spm_inputs
 from training.step_pairs import generate_step_pairs, plan_step_pairs, write_step_pairs
-from training.train_spm import spm_inputs, train_spm
+from training.train_spm import train_spm
 
 
 def test_plans_branch_each_trajectory_once_per_step_from_the_first_branch_step():

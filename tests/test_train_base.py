@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.train_base import PRESETS, train_base
+from training.presets import BASE_PRESETS as PRESETS
+from training.train_base import train_base
 
 
 def _weights(folder):

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from service.cli import main
 from tests.conftest import check_snapshots
 from training.preference_data import encode_png
+from training.presets import DPO_PRESETS as PRESETS
+from training.presets import SPO_PRESETS
 from training.shapes import COLOURS, SHAPES, Scene, caption_for, render
-from training.train_dpo import PRESETS, diffusion_dpo_loss, implicit_accuracy, train_dpo
-from training.train_spo import PRESETS as SPO_PRESETS
+from training.train_dpo import diffusion_dpo_loss, implicit_accuracy, train_dpo
 
 
 def test_loss_matches_a_hand_computed_case():

@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import check_snapshots
-from training.train_spo import PRESETS, lookahead_rater_scorer, train_spo
+from training.presets import SPO_PRESETS as PRESETS
+from training.scorers import lookahead_rater_scorer
+from training.train_spo import train_spo
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,7 @@ def test_accelerate_launch_two_processes_runs_an_epoch_of_the_tiny_preset(tiny_m
     # --multi_gpu is accelerate's torchrun launcher (gloo on CPU); `--cpu` alone would start ONE process.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "training.train_spo", "--preset", "tiny",
+           "-m", "training.cli", "train", "spo", "--preset", "tiny",
            "--model", str(tiny_model), "--scorer", "rater", "--out", str(out), "--max-batches", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env, timeout=1800, cwd=Path(__file__).resolve().parents[1])
@@ -112,7 +114,7 @@ def test_accelerate_launch_two_processes_runs_an_epoch_of_the_tiny_preset(tiny_m
 def test_lookahead_scorer_finishes_each_candidate_then_rates_it(smoke_model):
     """At t = 0 it rates the decoded latents as they are; at t > 0 it first runs `steps` deterministic CFG UNet calls
     (so two candidates that differ only in noise can rank differently from their x0 previews)."""
-    from service.pipeline import load_pipeline
+    from service.worker.pipeline import load_pipeline
     from training.latents import decode_to_uint8
     from training.rater import rate
 
@@ -142,3 +144,26 @@ def test_train_spo_runs_with_the_lookahead_scorer(smoke_model, tmp_path):
     assert [r["batch"] for r in records] == [0, 1]
     assert all(r["scoring_s"] > 0 and r["pairs"] > 0 for r in records)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_resuming_an_old_layout_checkpoint_is_refused_with_what_to_do(smoke_model, tmp_path):
+    """SPO once kept its one checkpoint in OUT/checkpoint/ (progress.json); checkpoints now live in
+    OUT/checkpoints/step-N/ like the other trainers'. Resuming such a run must say so before loading anything."""
+    out = tmp_path / "old"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "progress.json").write_text(json.dumps({"batch": 2, "train_seconds": 1.0}))
+    with pytest.raises(FileExistsError, match="old layout") as err:
+        train_spo("smoke", smoke_model, out, scorer="rater", max_batches=4, resume=True)
+    assert "checkpoints" in str(err.value) and "without --resume" in str(err.value)
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_checkpoints_use_the_shared_step_layout(uninterrupted):
+    """OUT/checkpoints/step-N/ with N counting batches, trainer_state.json written last, one kept."""
+    from training.run import checkpoints
+
+    kept = checkpoints(uninterrupted / "checkpoints")
+    assert [c.name for c in kept] == ["step-0000004"]
+    state = json.loads((kept[0] / "trainer_state.json").read_text())
+    assert state["batch"] == 4 and state["preset"] == "smoke" and (kept[0] / "last_pairs_0.pt").is_file()
+    assert not (uninterrupted / "checkpoint").exists()

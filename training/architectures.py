@@ -6,26 +6,21 @@ serves or fine-tunes SD 1.5 / SDXL runs unchanged on them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .presets import TinyWidths
 from .shapes import IMAGE_SIZE, vocabulary
 from .tokenizer import write_clip_tokenizer
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
 TOKENIZER_MAX_LENGTH = 16  # a caption is 9 tokens with BOS/EOS; SD uses 77, which would only cost compute here
-
-
-@dataclass(frozen=True)
-class TinyWidths:
-    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
-    unet_channels: tuple[int, ...] = (64, 128)
-    unet_layers_per_block: int = 2
-    text_hidden: int = 64
-    text_layers: int = 2
 
 
 def sd_scheduler() -> DDIMScheduler:
@@ -126,7 +121,7 @@ CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, nu
                    num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
 
 
-def build_random_sd15_pipeline(tokenizer_dir: Path):
+def build_random_sd15_pipeline(tokenizer_dir: Path) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with SD 1.5's exact architecture and random weights (77-token prompts)."""
     from diffusers import StableDiffusionPipeline
 

@@ -1,50 +1,28 @@
-"""Training-side subcommands of `spo`: `data`, `train`, `eval`. Heavy imports happen inside each command."""
+"""Training-side subcommands of `spo`: `data`, `train`, `eval`. Heavy imports happen inside each command.
+
+`spo` registers these (`register`); `main` runs them without the serving commands: several processes start a
+trainer with `accelerate launch -m training.cli train spo ...` (likewise `train spm`, `train dpo`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from service.cli import positive_int  # one argparse type for counts across `spo`
+from service.cli_args import HelpFormatter, float_list, int_list, positive_float, positive_int, settings_or_error
+
+from .presets import BASE_PRESETS, DPO_PRESETS, SPM_PRESETS, SPO_PRESETS
 
 for _dep in ("torch", "diffusers", "transformers", "scipy"):
     if importlib.util.find_spec(_dep) is None:
         raise ImportError(f"missing dependency {_dep!r}")
 
 
-def _number_list(cast, what: str, minimum: float | None = None):
-    """An argparse type for "a,b,c" lists (`--guidance 1,5,7.5`, `--steps 4,8,20`): one parser, two number kinds."""
-    def parse(value: str) -> tuple:
-        try:
-            values = tuple(cast(v) for v in value.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {value!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected at least one of the {what}, got {value!r}")
-        if minimum is not None and min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum:g}, got {value!r}")
-        return values
-
-    return parse
-
-
-_float_list = _number_list(float, "numbers")  # ranges are checked by each command, naming its flag
-_int_list = _number_list(int, "whole numbers", minimum=1)
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value!r}")
-    return number
-
-
-def _cmd_data_shapes(args, parser) -> int:
+def _cmd_data_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .shapes import write_dataset
 
     out = write_dataset(Path(args.out), args.n, seed=args.seed, split=args.split)
@@ -52,11 +30,9 @@ def _cmd_data_shapes(args, parser) -> int:
     return 0
 
 
-def _cmd_train_base(args, parser) -> int:
-    from .train_base import PRESETS, train_base
+def _cmd_train_base(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .train_base import train_base
 
-    if args.preset not in PRESETS:
-        parser.error(f"argument --preset: choose from {sorted(PRESETS)}")
     if args.vae is not None and not (Path(args.vae) / "config.json").is_file():
         parser.error(f"argument --vae: no AutoencoderKL folder at {args.vae!r} (config.json missing)")
     out = train_base(args.preset, Path(args.out), seed=args.seed, vae_from=Path(args.vae) if args.vae else None)
@@ -64,13 +40,13 @@ def _cmd_train_base(args, parser) -> int:
     return 0
 
 
-def _check_pipeline(path: str | None, flag: str, parser) -> None:
+def _check_pipeline(path: str | None, flag: str, parser: argparse.ArgumentParser) -> None:
     """A diffusers pipeline folder, or a usage error naming the flag."""
     if path is not None and not (Path(path) / "model_index.json").is_file():
         parser.error(f"argument {flag}: no diffusers pipeline folder at {path!r} (model_index.json missing)")
 
 
-def _cmd_eval_base(args, parser) -> int:
+def _cmd_eval_base(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .evaluate import evaluate_base
 
     _check_pipeline(args.model, "--model", parser)
@@ -81,7 +57,7 @@ def _cmd_eval_base(args, parser) -> int:
     return 0
 
 
-def _check_label_flags(args, parser) -> None:
+def _check_label_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.temperature < 0:
         parser.error(f"argument --temperature: must be >= 0, got {args.temperature}")
     if args.tie_rate < 0:
@@ -96,12 +72,12 @@ def _pair_flags(p: argparse.ArgumentParser) -> None:
                    help="Bradley-Terry temperature T: P(image_0 wins) = sigmoid((total_0 - total_1) / T); "
                         "0 = noiseless")
     p.add_argument("--tie-rate", type=float, default=0.0, help="Davidson tie parameter nu (0: no ties)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts, pair seeds and label noise")
     p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
                    help="which (colour, shape, background) combinations the prompts come from")
 
 
-def _cmd_data_pairs(args, parser) -> int:
+def _cmd_data_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .preference_data import write_pairs
 
     _check_pipeline(args.model, "--model", parser)
@@ -115,7 +91,7 @@ def _cmd_data_pairs(args, parser) -> int:
     return 0
 
 
-def _cmd_data_step_pairs(args, parser) -> int:
+def _cmd_data_step_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .step_pairs import NUM_STEPS, write_step_pairs
 
     _check_pipeline(args.model, "--model", parser)
@@ -129,7 +105,7 @@ def _cmd_data_step_pairs(args, parser) -> int:
     return 0
 
 
-def _cmd_data_renders(args, parser) -> int:
+def _cmd_data_renders(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .render_pairs import write_render_pairs
 
     _check_label_flags(args, parser)
@@ -139,24 +115,22 @@ def _cmd_data_renders(args, parser) -> int:
     return 0
 
 
-def _check_preset_data_model(args, parser, presets: dict) -> None:
-    """The flags every preference trainer shares: --preset, --data (a folder of pairs), --model (a pipeline)."""
-    if args.preset not in presets:
-        parser.error(f"argument --preset: choose from {sorted(presets)}")
+def _check_data_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The flags every preference trainer shares: --data (a folder of pairs), --model (a pipeline)."""
     if not Path(args.data).is_dir():
         parser.error(f"argument --data: no folder at {args.data!r}")
     _check_pipeline(args.model, "--model", parser)
 
 
-def _cmd_train_spm(args, parser) -> int:
-    from .train_spm import PRESETS, train_spm
+def _cmd_train_spm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .train_spm import train_spm
 
-    _check_preset_data_model(args, parser, PRESETS)
+    _check_data_model(args, parser)
     if args.init is not None and not (Path(args.init) / "config.json").is_file():
         parser.error(f"argument --init: no CLIP / PickScore checkpoint folder at {args.init!r} (config.json missing)")
     if args.eval_data is not None and not Path(args.eval_data).is_dir():
         parser.error(f"argument --eval-data: no folder at {args.eval_data!r}")
-    if PRESETS[args.preset].clip != "tiny" and args.init is None and args.tokenizer is None:
+    if SPM_PRESETS[args.preset].clip != "tiny" and args.init is None and args.tokenizer is None:
         parser.error("argument --init: the sd15/sdxl presets start from a PickScore / CLIP ViT-H/14 folder")
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                    ("micro_batch", args.micro_batch), ("lr", args.lr), ("warmup", args.warmup),
@@ -170,7 +144,7 @@ def _cmd_train_spm(args, parser) -> int:
     return 0
 
 
-def _cmd_eval_spm(args, parser) -> int:
+def _cmd_eval_spm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .evaluate_spm import evaluate_spm
 
     for flag, value in (("--model", args.model), ("--ablation", args.ablation)):
@@ -191,11 +165,9 @@ def _cmd_eval_spm(args, parser) -> int:
     return 0
 
 
-def _cmd_train_spo(args, parser) -> int:
-    from .train_spo import PRESETS, train_spo
+def _cmd_train_spo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .train_spo import train_spo
 
-    if args.preset not in PRESETS:
-        parser.error(f"argument --preset: choose from {sorted(PRESETS)}")
     _check_pipeline(args.model, "--model", parser)
     if args.scorer == "spm" and (args.spm is None or not Path(args.spm).is_dir()):
         parser.error("argument --spm: a step-aware preference model folder is required with --scorer spm")
@@ -207,15 +179,15 @@ def _cmd_train_spo(args, parser) -> int:
     return 0
 
 
-def _cmd_train_dpo(args, parser) -> int:
-    from .train_dpo import PRESETS, train_dpo
-    from .train_spm import checkpoints
+def _cmd_train_dpo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .run import checkpoints
+    from .train_dpo import train_dpo
 
-    _check_preset_data_model(args, parser, PRESETS)
+    _check_data_model(args, parser)
     if not args.resume and checkpoints(Path(args.out) / "checkpoints"):
         parser.error(f"argument --out: {args.out!r} holds checkpoints of an earlier run; continue it with --resume "
                      f"or choose another folder")
-    batch = args.batch_size or PRESETS[args.preset].batch_size
+    batch = args.batch_size or DPO_PRESETS[args.preset].batch_size
     if args.micro_batch is not None and args.micro_batch > batch:
         parser.error(f"argument --micro-batch: {args.micro_batch} is larger than the batch size {batch}")
     if args.caption_dropout is not None and not 0.0 <= args.caption_dropout <= 1.0:
@@ -234,7 +206,7 @@ def _cmd_train_dpo(args, parser) -> int:
     return 0
 
 
-def _cmd_eval_compare(args, parser) -> int:
+def _cmd_eval_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .evaluate import evaluate_models
 
     models: dict[str, tuple[str, str | None]] = {}
@@ -252,53 +224,70 @@ def _cmd_eval_compare(args, parser) -> int:
     return 0 if result else 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def _parser(group: argparse._SubParsersAction, name: str, help: str,
+            func: Callable[[argparse.Namespace, argparse.ArgumentParser], int]) -> argparse.ArgumentParser:
+    p = group.add_parser(name, help=help, formatter_class=HelpFormatter)
+    p.set_defaults(func=func, _parser=p)
+    return p
+
+
+def _preset_flag(p: argparse.ArgumentParser, presets: dict, default: str) -> None:
+    p.add_argument("--preset", choices=sorted(presets), default=default,
+                   help="named settings (training/presets.py): tiny* for this project's CPU models, sd15/sdxl the "
+                        "reference recipes")
+
+
+def _budget_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    p.add_argument("--max-minutes", type=positive_float, default=None,
+                   help=f"wall-clock budget: stop there and save the {what} trained so far")
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("shapes", help="write shapes-world images + metadata.jsonl")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=positive_int, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p = _parser(data, "shapes", "write shapes-world images + metadata.jsonl", _cmd_data_shapes)
+    p.add_argument("--out", required=True, help="folder to write (imagefolder layout)")
+    p.add_argument("--n", type=positive_int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world's random draws")
     p.add_argument("--split", choices=["train", "heldout", "all"], default="train",
                    help="which (colour, shape, background) combinations to draw from")
-    p.set_defaults(func=_cmd_data_shapes, _parser=p)
-    p = data.add_parser("pairs", help="write Pick-a-Pic-format preference pairs from a model's own generations")
+    p = _parser(data, "pairs", "write Pick-a-Pic-format preference pairs from a model's own generations",
+                _cmd_data_pairs)
     p.add_argument("--model", default="models/spo-tiny", help="diffusers pipeline folder that generates the images")
     _pair_flags(p)
-    p.add_argument("--steps", type=_int_list, default=(20,),
+    p.add_argument("--steps", type=int_list, default=(20,),
                    help="DDIM steps, or a comma list from which each image draws its own (e.g. 4,6,8,12,20)")
-    p.add_argument("--guidance", type=_float_list, default=(5.0,),
+    p.add_argument("--guidance", type=float_list, default=(5.0,),
                    help="CFG scale, or a comma list from which each image draws its own (e.g. 1,1.5,2,3,5,7.5)")
     p.add_argument("--batch", type=positive_int, default=32, help="pairs per pipeline call")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_cmd_data_pairs, _parser=p)
-    p = data.add_parser("step-pairs", help="write step-wise pairs: two candidates branched off one parent at a "
-                                           "step of SPO's sampler, as its scorer sees them, labelled by their "
-                                           "finished images (training/step_pairs.py)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p = _parser(data, "step-pairs", "write step-wise pairs: two candidates branched off one parent at a step of "
+                "SPO's sampler, as its scorer sees them, labelled by their finished images (training/step_pairs.py)",
+                _cmd_data_step_pairs)
     p.add_argument("--model", default="models/spo-tiny", help="diffusers pipeline folder that generates the images")
     _pair_flags(p)
     p.add_argument("--first-step", type=int, default=4,
                    help="earliest branch step of the 20 (SPO's divert_start_step; 4 is t = 751)")
     p.add_argument("--batch", type=positive_int, default=32, help="pairs per UNet call")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_cmd_data_step_pairs, _parser=p)
-    p = data.add_parser("renders", help="write generic preference pairs: shapes-world renders with drawn defects, "
-                                        "labelled by the rater (the toy's Pick-a-Pic, to pre-train the SPM's CLIP)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p = _parser(data, "renders", "write generic preference pairs: shapes-world renders with drawn defects, labelled "
+                "by the rater (the toy's Pick-a-Pic, to pre-train the SPM's CLIP)", _cmd_data_renders)
     _pair_flags(p)
-    p.set_defaults(func=_cmd_data_renders, _parser=p)
 
-    train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True)
-    p = train.add_parser("base", help="train spo-tiny (or its SDXL twin) from scratch on the shapes world")
-    p.add_argument("--preset", default="tiny", help="tiny | tiny-xl | smoke | smoke-xl")
-    p.add_argument("--out", default="runs/spo-tiny")
-    p.add_argument("--seed", type=int, default=0)
+
+def _add_train_base_and_spm(train: argparse._SubParsersAction) -> None:
+    p = _parser(train, "base", "train spo-tiny (or its SDXL twin) from scratch on the shapes world", _cmd_train_base)
+    _preset_flag(p, BASE_PRESETS, "tiny")
+    p.add_argument("--out", default="runs/spo-tiny", help="diffusers pipeline folder to write")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--vae", default=None, help="reuse a trained AutoencoderKL folder instead of training one")
-    p.set_defaults(func=_cmd_train_base, _parser=p)
-    p = train.add_parser("spm", help="train the step-aware preference model (also under `accelerate launch`)")
+    p = _parser(train, "spm", "train the step-aware preference model (also under `accelerate launch`)",
+                _cmd_train_spm)
     p.add_argument("--data", required=True, help="folder of Pick-a-Pic-format pairs (*.parquet or *.jsonl)")
     p.add_argument("--model", default="models/spo-tiny",
                    help="the diffusion pipeline whose x0 predictions the SPM sees")
-    p.add_argument("--out", default="runs/spm")
-    p.add_argument("--preset", default="tiny", help="tiny | sd15 | sdxl")
+    p.add_argument("--out", default="runs/spm", help="folder for the SPM and its checkpoints")
+    _preset_flag(p, SPM_PRESETS, "tiny")
     p.add_argument("--init", default=None,
                    help="CLIP / PickScore checkpoint folder to start from (sd15/sdxl: PickScore_v1; "
                         "tiny: a --clean-images run), or an SPM folder to continue (time conditioning included)")
@@ -308,54 +297,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clean-images", action="store_true",
                    help="score the pairs' images as they are (t = 0, no diffusion pass): PickScore's own training, "
                         "the stage an SPM starts from with --init")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    _budget_flags(p, "model")
     p.add_argument("--stop-after", type=positive_int, default=None, help="stop (with a checkpoint) after N steps")
     p.add_argument("--steps", type=positive_int, default=None, help="override the preset's optimizer steps")
-    p.add_argument("--max-minutes", type=_positive_float, default=None,
-                   help="wall-clock budget: stop there and save the model trained so far")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override: pairs per step, all processes")
     p.add_argument("--micro-batch", type=positive_int, default=None, help="override: pairs per process per pass")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--warmup", type=int, default=None, help="override: linear warm-up steps")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (0: never)")
-    p.add_argument("--eval-pairs", type=positive_int, default=None)
+    p.add_argument("--eval-pairs", type=positive_int, default=None, help="override: pairs per evaluation")
     p.add_argument("--save-every", type=positive_int, default=None, help="steps between checkpoints")
-    p.set_defaults(func=_cmd_train_spm, _parser=p)
 
-    p = train.add_parser("spo", help="SPO fine-tuning (LoRA by default; also under `accelerate launch`)")
-    p.add_argument("--preset", default="tiny", help="tiny | tiny-xl | sd15 | sdxl | smoke")
+
+def _add_train_spo_and_dpo(train: argparse._SubParsersAction) -> None:
+    p = _parser(train, "spo", "SPO fine-tuning (LoRA by default; also under `accelerate launch`)", _cmd_train_spo)
+    _preset_flag(p, SPO_PRESETS, "tiny")
     p.add_argument("--model", default="models/spo-tiny", help="base diffusers pipeline folder")
     p.add_argument("--spm", default=None, help="step-aware preference model folder (spo train spm)")
     p.add_argument("--scorer", choices=["spm", "rater", "lookahead"], default="spm",
                    help="rater: the shapes-world rater on decoded x0 (a step-unaware ablation); lookahead: the rater "
                         "on each candidate finished by 4 deterministic DDIM steps (an oracle of its worth, ablation)")
-    p.add_argument("--out", default="runs/spo-tiny-spo")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default="runs/spo-tiny-spo", help="folder for the LoRA, its manifest entry, checkpoints")
+    p.add_argument("--seed", type=int, default=42, help="training seed (the reference's)")
     p.add_argument("--full-unet", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    _budget_flags(p, "LoRA")
     p.add_argument("--max-batches", type=positive_int, default=None, help="stop after N prompt batches")
-    p.add_argument("--max-minutes", type=_positive_float, default=None,
-                   help="wall-clock budget: stop there and save the LoRA trained so far")
-    p.add_argument("--lr", type=_positive_float, default=None, help="override the preset's learning rate")
+    p.add_argument("--lr", type=positive_float, default=None, help="override the preset's learning rate")
     p.add_argument("--snapshot-every", type=positive_int, default=None, metavar="N",
                    help="keep the weights every N batches in OUT/snapshots/ (benchmarks/compute_to_gain.py)")
-    p.set_defaults(func=_cmd_train_spo, _parser=p)
-
-    p = train.add_parser("dpo", help="Diffusion-DPO baseline: a LoRA trained on final-image pairs (also under "
-                                     "`accelerate launch`)")
-    p.add_argument("--preset", default="tiny", help="tiny | tiny-xl | sd15 | sdxl | smoke")
+    p = _parser(train, "dpo", "Diffusion-DPO baseline: a LoRA trained on final-image pairs (also under "
+                "`accelerate launch`)", _cmd_train_dpo)
+    _preset_flag(p, DPO_PRESETS, "tiny")
     p.add_argument("--data", required=True, help="folder of Pick-a-Pic-format pairs (*.parquet or *.jsonl)")
     p.add_argument("--model", default="models/spo-tiny", help="base diffusers pipeline folder")
-    p.add_argument("--out", default="runs/spo-tiny-dpo")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
-    p.add_argument("--max-minutes", type=_positive_float, default=None,
-                   help="wall-clock budget of the training steps: stop there and save the LoRA trained so far")
+    p.add_argument("--out", default="runs/spo-tiny-dpo", help="folder for the LoRA, its manifest entry, checkpoints")
+    p.add_argument("--seed", type=int, default=42, help="training seed")
+    _budget_flags(p, "LoRA")
     p.add_argument("--steps", type=positive_int, default=None, help="override the preset's optimizer steps")
     p.add_argument("--stop-after", type=positive_int, default=None, help="stop (with a checkpoint) after N steps")
-    p.add_argument("--beta", type=_positive_float, default=None, help="override beta_dpo (reference 5000)")
-    p.add_argument("--lr", type=_positive_float, default=None)
+    p.add_argument("--beta", type=positive_float, default=None, help="override beta_dpo (reference 5000)")
+    p.add_argument("--lr", type=positive_float, default=None, help="override the preset's learning rate")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override: pairs per step, all processes")
     p.add_argument("--micro-batch", type=positive_int, default=None, help="override: pairs per process per pass")
     p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (0: never)")
@@ -364,39 +346,64 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override: share of pairs trained with the empty caption (reference 0.2; 0: conditional only)")
     p.add_argument("--snapshot-every", type=positive_int, default=None, metavar="N",
                    help="keep the LoRA every N steps in OUT/snapshots/ (benchmarks/compute_to_gain.py)")
-    p.set_defaults(func=_cmd_train_dpo, _parser=p)
 
+
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=positive_int, default=20, help="DDIM steps of the evaluation images")
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the evaluation images")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="eval_command", required=True)
-    p = ev.add_parser("compare", help="the same held-out prompts x seeds through several models: rater parts, "
-                                      "win-rates against the first, side-by-side grid")
+    p = _parser(ev, "compare", "the same held-out prompts x seeds through several models: rater parts, win-rates "
+                "against the first, side-by-side grid", _cmd_eval_compare)
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR[+LORA]",
                    help="e.g. base=models/spo-tiny spo=models/spo-tiny+runs/spo-tiny-spo")
-    p.add_argument("--out", default="runs/eval-compare")
-    p.add_argument("--n-heldout", type=positive_int, default=256)
-    p.add_argument("--n-train", type=int, default=0)
-    p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.set_defaults(func=_cmd_eval_compare, _parser=p)
-    p = ev.add_parser("base", help="rate a base model's images on training and held-out combinations")
-    p.add_argument("--model", default="models/spo-tiny")
-    p.add_argument("--out", default="runs/eval-base")
-    p.add_argument("--n-train", type=positive_int, default=240)
-    p.add_argument("--n-heldout", type=positive_int, default=200)
-    p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.set_defaults(func=_cmd_eval_base, _parser=p)
-    p = ev.add_parser("spm", help="pairwise accuracy of an SPM against the rater at several denoising steps")
+    p.add_argument("--out", default="runs/eval-compare", help="folder for the report, JSON and grids")
+    p.add_argument("--n-heldout", type=positive_int, default=256, help="images from held-out combinations")
+    p.add_argument("--n-train", type=int, default=0, help="images from training combinations")
+    _generation_flags(p)
+    p = _parser(ev, "base", "rate a base model's images on training and held-out combinations", _cmd_eval_base)
+    p.add_argument("--model", default="models/spo-tiny", help="diffusers pipeline folder")
+    p.add_argument("--out", default="runs/eval-base", help="folder for the report, JSON and grids")
+    p.add_argument("--n-train", type=positive_int, default=240, help="images from training combinations")
+    p.add_argument("--n-heldout", type=positive_int, default=200, help="images from held-out combinations")
+    _generation_flags(p)
+    p = _parser(ev, "spm", "pairwise accuracy of an SPM against the rater at several denoising steps", _cmd_eval_spm)
     p.add_argument("--model", required=True, help="SPM folder written by `spo train spm`")
     p.add_argument("--ablation", default=None, help="SPM folder trained with --no-time-conditioning")
     p.add_argument("--base-model", default=None, help="diffusion pipeline (default: the one the SPM was trained with)")
     p.add_argument("--pairs", type=positive_int, default=500, help="fresh held-out pairs to generate")
-    p.add_argument("--guidance", type=_float_list, default=(5.0,),
+    p.add_argument("--guidance", type=float_list, default=(5.0,),
                    help="CFG scale(s) of the fresh pairs' images, as for `spo data pairs`")
-    p.add_argument("--steps", type=_int_list, default=(20,),
+    p.add_argument("--steps", type=int_list, default=(20,),
                    help="DDIM step count(s) of the fresh pairs' images, as for `spo data pairs`")
     p.add_argument("--step-pairs", action="store_true",
                    help="evaluate on fresh held-out step pairs (siblings at SPO's branch steps), by their timestep")
-    p.add_argument("--seed", type=int, default=4321)
+    p.add_argument("--seed", type=int, default=4321, help="seed of the fresh pairs")
     p.add_argument("--json", default=None, help="write {\"accuracy\": {\"0\": a, ...}, ...} to this file")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_cmd_eval_spm, _parser=p)
+    p.add_argument("--device", default="cpu", help="torch device")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `data`, `train` and `eval` to a `spo` parser's subcommands."""
+    _add_data(sub)
+    train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True)
+    _add_train_base_and_spm(train)
+    _add_train_spo_and_dpo(train)
+    _add_eval(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one training-side command, e.g. `main(["train", "spo", "--preset", "tiny"])`."""
+    from service.contracts.config import configure_logging
+
+    parser = argparse.ArgumentParser(prog="spo", description="training commands of spo")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(settings_or_error(parser).log_level)
+    return int(args.func(args, args._parser) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,12 +7,17 @@ loss), so all three see the model as the served pipeline does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+if TYPE_CHECKING:
 
-def condition(pipe, captions: list[str]) -> tuple[torch.Tensor, dict]:
+    from service.worker.pipeline import Pipeline
+
+
+def condition(pipe: Pipeline, captions: list[str]) -> tuple[torch.Tensor, dict]:
     """Text conditioning exactly as the diffusers pipeline computes it at inference (with gradients)."""
     if isinstance(pipe, StableDiffusionXLPipeline):
         embeds, _, pooled, _ = pipe.encode_prompt(captions, device=pipe.device, num_images_per_prompt=1,
@@ -44,7 +49,7 @@ class PromptBatch:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> PromptBatch:
+def encode_prompts(pipe: Pipeline, prompts: list[str]) -> PromptBatch:
     cond, added_c = condition(pipe, prompts)
     uncond, added_u = condition(pipe, [""] * len(prompts))
     if getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # real SDXL: zeros are its unconditional input
@@ -53,7 +58,7 @@ def encode_prompts(pipe, prompts: list[str]) -> PromptBatch:
     return PromptBatch(prompts, cond, uncond, added_c, added_u)
 
 
-def cfg_eps(unet, x: torch.Tensor, t: torch.Tensor, batch: PromptBatch, index: torch.Tensor,
+def cfg_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, batch: PromptBatch, index: torch.Tensor,
             guidance: float) -> torch.Tensor:
     """Noise prediction with classifier-free guidance, in one UNet call of twice the batch."""
     emb, added = batch.select(index)

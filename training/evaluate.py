@@ -10,6 +10,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,6 +18,10 @@ from tqdm.auto import tqdm
 
 from .rater import rate
 from .shapes import HELD_OUT, TRAIN_COMBOS, caption_for
+
+if TYPE_CHECKING:
+
+    from service.worker.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -36,9 +41,10 @@ def eval_items(n_train: int, n_heldout: int, seed: int = 1234) -> list[EvalItem]
     return items
 
 
-def generate_and_rate(pipe, items: list[EvalItem], steps: int = 20, guidance: float = 5.0, batch: int = 48,
-                      desc: str = "eval") -> tuple[list[np.ndarray], list[dict]]:
-    from service.pipeline import ImageRequest, generate
+def generate_and_rate(pipe: Pipeline, items: list[EvalItem], steps: int = 20, guidance: float = 5.0,
+                      batch: int = 48, desc: str = "eval") -> tuple[list[np.ndarray], list[dict]]:
+    from service.worker.pipeline import generate
+    from service.worker.runner import ImageRequest
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     images: list[np.ndarray] = []
@@ -65,6 +71,18 @@ def summarise(records: list[dict]) -> dict[str, dict[str, float]]:
                     "regularity", "quality", "total"):
             out[split][key] = float(np.mean([float(r[key]) for r in rs]))
     return out
+
+
+def heldout_rating(pipe: Pipeline, n: int = 20, seed: int = 777) -> dict[str, float]:
+    """Mean rater parts on held-out prompts with fixed seeds (DDIM 20, CFG 5): the curve to watch during
+    fine-tuning (SPO and Diffusion-DPO log it every `eval_every`)."""
+    import torch
+
+    items = [EvalItem("heldout", caption_for(*HELD_OUT[i % len(HELD_OUT)]), seed + i) for i in range(n)]
+    with torch.no_grad():
+        _, records = generate_and_rate(pipe, items, batch=n, desc="held-out eval")
+    s = summarise(records)["heldout"]
+    return {"quality": s["quality"], "alignment": s["alignment"], "all_right": s["all_right"]}
 
 
 def labelled_grid(images: list[np.ndarray], labels: list[str], cols: int = 8, scale: int = 2) -> Image.Image:
@@ -100,7 +118,7 @@ def write_report(out: Path, title: str, summary: dict, records: list[dict], extr
 def evaluate_base(model: Path, out: Path, n_train: int = 240, n_heldout: int = 200, steps: int = 20,
                   guidance: float = 5.0) -> dict:
     """Quality of a base model on training and held-out combinations (DDIM, fixed seeds)."""
-    from service.pipeline import load_pipeline
+    from service.worker.pipeline import load_pipeline
 
     pipe = load_pipeline(str(model))
     items = eval_items(n_train, n_heldout)
@@ -159,7 +177,7 @@ def evaluate_models(models: dict[str, tuple[str, str | None]], out: Path, n_held
 
     `models` maps a display name to (base pipeline folder, LoRA or None).
     """
-    from service.pipeline import load_pipeline
+    from service.worker.pipeline import load_pipeline
 
     items = eval_items(n_train, n_heldout)
     images: dict[str, list[np.ndarray]] = {}

@@ -18,21 +18,109 @@ one parent at a branch step of SPO's sampler as its scorer sees them, ordered by
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from .preference_data import CLEAR_GAP
+from .preference_data import CLEAR_GAP, PreferencePair, generate_pairs, plan_pairs
+from .rater import rate
 from .spm import StepAwarePreferenceModel
+from .step_images import StepImages, draw_t_and_noise, spm_inputs, to_tensor
 from .step_pairs import generate_step_pairs, plan_step_pairs, timestep_buckets
-from .train_spm import (
-    EVAL_TIMESTEPS,
-    StepImages,
-    heldout_pairs,
-    pairwise_correct,
-    rater_on_previews,
-    recorded_correct,
-)
+
+if TYPE_CHECKING:
+
+    from service.worker.pipeline import Pipeline
+
+EVAL_TIMESTEPS = (0, 251, 501, 751, 951)  # the paper reports 701 instead of 751
+EVAL_SEED = 10**9  # "step" key of evaluation examples, outside any training step
+
+
+# ------------------------------------------------------------------------------- accuracy of a scorer on pairs
+
+# A step-unaware scorer of previews: (images [images_0; images_1] in [0, 1], one caption per pair, t) -> scores.
+PreviewScorer = Callable[[torch.Tensor, list[str], torch.Tensor], torch.Tensor]
+
+
+def rater_on_previews(images: torch.Tensor, captions: list[str], timesteps: torch.Tensor) -> torch.Tensor:
+    """The rater's total on the decoded step-t previews ([images_0; images_1] in [0, 1], one caption per pair): the
+    step-unaware scorer an SPM has to beat (SPO's ablation "plain PickScore as step scorer")."""
+    pixels = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0).round()
+    return torch.tensor([rate(a, c).total for a, c in zip(pixels, list(captions) * 2, strict=True)])
+
+
+@torch.no_grad()
+def pairwise_correct(scorer: StepAwarePreferenceModel | PreviewScorer, step_images: StepImages,
+                     pairs: list[PreferencePair], timesteps: tuple[int, ...] = EVAL_TIMESTEPS, seed: int = 0,
+                     batch: int = 32, progress: bool = False) -> dict[int, np.ndarray]:
+    """Per t, whether the scorer (an SPM, or a function like `rater_on_previews`) scores the reference's preferred
+    image higher, for each pair (ties must be removed).
+
+    Each pair keeps the same noise at every t, so the columns differ only by how far the image is denoised.
+    """
+    correct: dict[int, list[bool]] = {t: [] for t in timesteps}
+    spm = scorer if isinstance(scorer, StepAwarePreferenceModel) else None
+    was_training = spm is not None and spm.training
+    if spm is not None:
+        spm.eval()
+    bar = tqdm(total=len(pairs) * len(timesteps), desc="eval", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        images = to_tensor([p.image_0 for p in chunk] + [p.image_1 for p in chunk])
+        captions = [p.caption for p in chunk]
+        _, noise = draw_t_and_noise(seed, EVAL_SEED, list(range(start, start + len(chunk))), step_images.latent_shape)
+        input_ids = spm.tokenize(captions) if spm is not None else None
+        want = torch.tensor([p.preference > 0.5 for p in chunk])
+        for t in timesteps:
+            tt = torch.full((len(chunk),), t, dtype=torch.long)
+            x = step_images(images, captions, tt, noise)
+            scores = (spm(x.to(spm.device), input_ids, tt.to(spm.device)) if spm is not None
+                      else scorer(x, captions, tt))
+            s0, s1 = scores.float().cpu().chunk(2)
+            correct[t] += ((s0 > s1) == want).tolist()
+            bar.update(len(chunk))
+    bar.close()
+    if spm is not None:
+        spm.train(was_training)
+    return {t: np.array(v, dtype=bool) for t, v in correct.items()}
+
+
+@torch.no_grad()
+def recorded_correct(scorer: StepAwarePreferenceModel | PreviewScorer, pairs: list[PreferencePair], batch: int = 64
+                     ) -> np.ndarray:
+    """Per step pair (ties removed), whether the scorer prefers the reference's image, scored at the pair's step."""
+    spm = scorer if isinstance(scorer, StepAwarePreferenceModel) else None
+    was_training = spm is not None and spm.training
+    if spm is not None:
+        spm.eval()
+    correct: list[bool] = []
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        x, t = spm_inputs(chunk, None, None, None)
+        captions = [q.caption for q in chunk]
+        scores = (spm(x.to(spm.device), spm.tokenize(captions), t.to(spm.device)) if spm is not None
+                  else scorer(x, captions, t))
+        s0, s1 = scores.float().cpu().chunk(2)
+        correct += ((s0 > s1) == torch.tensor([q.preference > 0.5 for q in chunk])).tolist()
+    if spm is not None:
+        spm.train(was_training)
+    return np.array(correct, dtype=bool)
+
+
+def heldout_pairs(pipe: Pipeline, n: int, seed: int = 4321, guidance: tuple[float, ...] = (5.0,),
+                  steps: tuple[int, ...] = (20,), progress: bool = True) -> list[PreferencePair]:
+    """Fresh shapes-world pairs on held-out prompts, with the rater's noiseless preference as reference."""
+    plans = plan_pairs(n, seed, "heldout", guidance, steps)
+    return [g.to_pair() for g in generate_pairs(pipe, plans, progress=progress)]
+
+
+
+# ---------------------------------------------------------------------------------------------------- spo eval spm
+
 
 
 def format_table(columns: dict[str, dict[str, float]], rows: list[str], first: str = "t") -> str:
@@ -51,14 +139,14 @@ def evaluate_spm(model: Path | str, *, ablation: Path | str | None = None, base_
                  n_pairs: int = 500, seed: int = 4321, guidance: tuple[float, ...] = (5.0,),
                  steps: tuple[int, ...] = (20,), step_pairs: bool = False,
                  timesteps: tuple[int, ...] = EVAL_TIMESTEPS, clear_gap: float = CLEAR_GAP,
-                 json_path: Path | str | None = None, device: str = "cpu") -> dict:
+                 json_path: Path | str | None = None, device: str = "cpu") -> dict[str, Any]:
     """Pairwise accuracy of the SPM (and the ablation) against the rater at each t; returns the JSON summary.
 
     With `step_pairs` the fresh pairs are held-out step pairs (`spo data step-pairs`: siblings of SPO's sampler at
     its branch steps, seen as its scorer sees them) and accuracy is reported by their recorded timestep: all, early
     (t >= 551), late, and each t.
     """
-    from service.pipeline import load_pipeline
+    from service.worker.pipeline import load_pipeline
 
     model = Path(model)
     if base_model is None:  # the diffusion model the SPM was trained with
@@ -70,7 +158,7 @@ def evaluate_spm(model: Path | str, *, ablation: Path | str | None = None, base_
     else:
         pairs = heldout_pairs(pipe, n_pairs, seed=seed, guidance=tuple(guidance), steps=tuple(steps))
     decisive = [p for p in pairs if p.preference != 0.5]
-    clear = np.array([p.reference_gap >= clear_gap for p in decisive], dtype=bool)
+    clear = np.array([p.reference_gap is not None and p.reference_gap >= clear_gap for p in decisive], dtype=bool)
     everyone = np.ones(len(decisive), dtype=bool)
     if step_pairs:
         recorded = np.array([p.timestep for p in decisive])
@@ -83,7 +171,8 @@ def evaluate_spm(model: Path | str, *, ablation: Path | str | None = None, base_
     models = {"spm": model, "no-time ablation": ablation} if ablation is not None else {"spm": model}
     columns: dict[str, dict[str, float]] = {}
     accuracy: dict[str, dict[str, dict[str, float]]] = {}
-    scorers = {name: StepAwarePreferenceModel.from_pretrained(path).to(device) for name, path in models.items()}
+    scorers: dict[str, Callable[[torch.Tensor, list[str], torch.Tensor], torch.Tensor]] = {
+        name: StepAwarePreferenceModel.from_pretrained(path).to(device) for name, path in models.items()}
     scorers["rater on previews"] = rater_on_previews  # the step-unaware reference
     for name, scorer in scorers.items():
         if step_pairs:

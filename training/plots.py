@@ -1,4 +1,4 @@
-"""Curves and image grids saved as PNG next to the numbers they explain."""
+"""Training curves saved as PNG next to the numbers they explain (image grids: diffusers' `make_image_grid`)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
-
-def image_grid(images: list[np.ndarray] | np.ndarray, cols: int, pad: int = 2, scale: int = 1) -> Image.Image:
-    """Tile equally sized RGB uint8 images into one picture (row-major)."""
-    images = [np.asarray(im) for im in images]
-    h, w, _ = images[0].shape
-    rows = (len(images) + cols - 1) // cols
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im
-    grid = Image.fromarray(canvas)
-    if scale != 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
-    return grid
 
 
 def save_curves(log_path: Path, out_png: Path, keys: tuple[str, ...] = ("loss", "psnr"), smooth: int = 25,

@@ -17,12 +17,13 @@ import io
 import json
 import math
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -30,6 +31,10 @@ from tqdm.auto import tqdm
 
 from .rater import rate
 from .shapes import ALL_COMBOS, HELD_OUT, TRAIN_COMBOS, caption_for
+
+if TYPE_CHECKING:
+
+    from service.worker.pipeline import Pipeline
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 # Read when present: Pick-a-Pic's own filters and the toy data's noiseless preference and rater totals.
@@ -87,7 +92,7 @@ class ReadStats:
         return f"read {self.read} pairs, skipped {self.n_skipped} ({reasons})"
 
 
-def load_image(data, size: int | None = None) -> np.ndarray:
+def load_image(data: object, size: int | None = None) -> np.ndarray:
     """Decode image bytes to uint8 RGB; with `size`, bicubic-resize the short side to it and centre-crop a square.
 
     `data` may be raw bytes or a Hugging Face `datasets` Image struct ({"bytes": ..., "path": ...}).
@@ -96,8 +101,8 @@ def load_image(data, size: int | None = None) -> np.ndarray:
         data = data.get("bytes")
     if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
         raise ValueError("no image bytes")
-    with Image.open(io.BytesIO(bytes(data))) as im:
-        im = im.convert("RGB")
+    with Image.open(io.BytesIO(bytes(data))) as opened:
+        im = opened.convert("RGB")
         if size is not None and im.size != (size, size):
             w, h = im.size
             scale = size / min(w, h)
@@ -114,7 +119,7 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _label(value) -> float:
+def _label(value: Any) -> float:
     x = float(value)
     if not math.isfinite(x) or not 0.0 <= x <= 1.0:
         raise ValueError(f"label out of range: {value!r}")
@@ -163,7 +168,7 @@ def row_to_pair(row: dict, image_size: int | None, stats: ReadStats, image_root:
                           None if timestep is None else int(timestep))
 
 
-def _finite(value) -> float | None:
+def _finite(value: Any) -> float | None:
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -193,7 +198,7 @@ class PreferenceData:
     """
 
     def __init__(self, root: Path | str, image_size: int | None = None, mix_chunks: int = 4,
-                 jsonl_chunk_rows: int = 256):
+                 jsonl_chunk_rows: int = 256) -> None:
         self.root = Path(root)
         self.image_size = image_size
         self.mix_chunks = max(1, mix_chunks)
@@ -330,6 +335,32 @@ class PreferenceData:
         return Counter(self.captions())
 
 
+class PairStream:
+    """Endless epochs over a `PreferenceData`; (epoch, position) is all a checkpoint needs to continue exactly."""
+
+    def __init__(self, data: PreferenceData, seed: int, epoch: int = 0, position: int = 0) -> None:
+        self.data, self.seed, self.epoch, self.position = data, seed, epoch, position
+        self._it = data.stream(seed, epoch, position)
+
+    def next_batch(self, n: int) -> list[PreferencePair]:
+        """The next `n` pairs, continuing into the next epoch (reshuffled) when this one ends."""
+        batch: list[PreferencePair] = []
+        empty_epochs = 0
+        while len(batch) < n:
+            try:
+                self.position, pair = next(self._it)
+                batch.append(pair)
+                empty_epochs = 0
+            except StopIteration:
+                print(f"epoch {self.epoch}: {self.data.stats.report()}", file=sys.stderr)
+                empty_epochs += 1
+                if empty_epochs > 1 or (self.position == 0 and not batch):
+                    raise RuntimeError(f"no readable pairs in {self.data.root}: {self.data.stats.report()}") from None
+                self.epoch, self.position = self.epoch + 1, 0
+                self._it = self.data.stream(self.seed, self.epoch, 0)
+        return batch
+
+
 def load_pairs(root: Path | str, limit: int | None = None, image_size: int | None = None
                ) -> tuple[list[PreferencePair], ReadStats]:
     """The first `limit` readable pairs of a folder in file order (for evaluation sets)."""
@@ -366,7 +397,7 @@ def plan_pairs(n: int, seed: int = 0, split: str = "train", guidance: tuple[floa
 
     With several `guidance` / `steps` values each image draws its own, like Pick-a-Pic, whose two images often come
     from different models and settings: pairs then differ more often in visible quality (a smeared shape, a blurred
-    edge) than two seeds of one setting do, whose differences spo-tiny's VAE round trip mostly erases (issue 5).
+    edge) than two seeds of one setting do, whose differences spo-tiny's VAE round trip mostly erases.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -436,13 +467,13 @@ class GeneratedPair:
 def by_setting(plans: list[PairPlan], make: Callable[..., list], batch: int = 32
                ) -> Iterator[tuple[PairPlan, Any, Any]]:
     """(plan, output_0, output_1) for each planned pair, in plan order, where `make(requests, steps=, guidance=)`
-    makes the outputs (images, latents) of `service.pipeline.ImageRequest`s that share one CFG scale and step count.
+    makes the outputs (images, latents) of `ImageRequest`s that share one CFG scale and step count.
 
     Those are pipeline-wide, so each call serves one setting. With mixed settings (20 of them for
     `--steps 4,6,8,12,20 --guidance 1.5,3,5,7.5`) the pairs are gathered in windows of `batch` pairs per setting,
     which keeps calls near 2 x `batch` images instead of a few.
     """
-    from service.pipeline import ImageRequest
+    from service.worker.runner import ImageRequest
 
     settings = {(p.guidance_0, p.steps_0) for p in plans} | {(p.guidance_1, p.steps_1) for p in plans}
     window = batch * max(1, min(len(settings), 32))
@@ -462,15 +493,15 @@ def by_setting(plans: list[PairPlan], make: Callable[..., list], batch: int = 32
             yield plan, outputs[2 * k], outputs[2 * k + 1]
 
 
-def generate_pairs(pipe, plans: list[PairPlan], *, batch: int = 32,
+def generate_pairs(pipe: Pipeline, plans: list[PairPlan], *, batch: int = 32,
                    progress: bool = True) -> Iterator[GeneratedPair]:
-    """Both images of each planned pair through `service.pipeline.generate` (per-image seeds, so an image does not
+    """Both images of each planned pair through the service's `generate` (per-image seeds, so an image does not
     depend on its batch), rated, in plan order; calls grouped by `by_setting`."""
-    from service.pipeline import generate
+    from service.worker.pipeline import generate
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
-    def make(requests, *, steps: int, guidance: float) -> list[np.ndarray]:
+    def make(requests: list[Any], *, steps: int, guidance: float) -> list[np.ndarray]:
         return generate(pipe, requests, steps=steps, guidance=guidance, width=size, height=size)
 
     bar = tqdm(total=len(plans), desc="pairs", unit="pair", dynamic_ncols=True, disable=not progress)
@@ -480,7 +511,7 @@ def generate_pairs(pipe, plans: list[PairPlan], *, batch: int = 32,
     bar.close()
 
 
-def _schema():
+def _schema() -> Any:
     import pyarrow as pa
 
     return pa.schema([
@@ -533,13 +564,13 @@ def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: floa
                 batch: int = 32, shard_size: int = 4096, row_group_size: int = 256, device: str = "cpu") -> dict:
     """Generate `n` labelled pairs from a diffusers model into parquet shards at `out`; returns the summary.
 
-    The default temperature suits spo-tiny: two of its images of one prompt differ by a median rater gap of ~0.013,
-    and T = 0.005 makes ~87% of the labels agree with the rater (T = 0.03 would leave ~64%).
+    The default temperature suits spo-tiny, whose two images of one prompt differ by small rater gaps: it keeps most
+    labels in agreement with the rater (measurements in benchmarks/results/spm-pickscore-cpu-2026-11-26).
     Prompts, seeds and label noise are drawn up front, so an interrupted run restarted with the same arguments
     skips its finished shards and produces exactly the same data. PNG bytes go in the `jpg_*` columns: JPEG
     artefacts would change what the rater saw on 64x64 images (any format PIL reads is accepted by the reader).
     """
-    from service.pipeline import load_pipeline
+    from service.worker.pipeline import load_pipeline
 
     pipe = None
 
@@ -624,12 +655,14 @@ def summarise_pairs(root: Path | str) -> dict:
 
 def _save_preview(path: Path, root: Path, n: int = 8) -> None:
     """The first pairs side by side, winner (by label) on the left, for eyeballing the data."""
-    from .plots import image_grid
+    from diffusers.utils import make_image_grid
 
-    tiles = []
+    tiles: list[Image.Image] = []
     for _, pair in PreferenceData(root).stream():
         win, lose = (pair.image_0, pair.image_1) if pair.label_0 >= pair.label_1 else (pair.image_1, pair.image_0)
-        tiles += [win, lose]
+        tiles += [Image.fromarray(win), Image.fromarray(lose)]
         if len(tiles) >= 2 * n:
             break
-    image_grid(tiles, cols=4, scale=2).save(path)
+    tiles += [Image.new("RGB", tiles[0].size, "white")] * (-len(tiles) % 4)  # the grid is full rows
+    grid = make_image_grid(tiles, rows=len(tiles) // 4, cols=4)
+    grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST).save(path)

@@ -159,7 +159,3 @@ def _uniformity(img: np.ndarray, bg_rgb: np.ndarray, region: np.ndarray) -> floa
         return 0.0
     spread = float(np.sqrt(((img[region] - bg_rgb) ** 2).sum(-1)).mean())
     return float(np.clip(1.0 - spread / 30.0, 0.0, 1.0))
-
-
-def rate_batch(images: np.ndarray, captions: list[str]) -> list[Rating]:
-    return [rate(img, cap) for img, cap in zip(images, captions, strict=True)]

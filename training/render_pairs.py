@@ -1,8 +1,9 @@
 """Generic preference pairs: shapes-world renders with drawn defects, labelled by the rater.
 
 SPO's step-aware preference model does not start from scratch: it wraps PickScore, a CLIP already fine-tuned on a
-large generic preference set (Pick-a-Pic) before it ever sees a noisy image (SPO.md §1). The toy's tiny CLIP has no
-such start, and spo-tiny's own pairs are too few and too subtle to learn what "quality" is from nothing (issue 5).
+large generic preference set (Pick-a-Pic) before it ever sees a noisy image (docs/spo.md §1). The toy's tiny CLIP has no
+such start, and spo-tiny's own pairs are too few and too subtle to learn what "quality" is from nothing
+(benchmarks/results/spm-ceiling-cpu-2026-11-26).
 This module is the toy's Pick-a-Pic: cheap renders of the shapes world, each with its own random mix of the defects
 the rater's quality part measures (a blurred edge, a wobbly outline, a blotchy or noisy background, stray specks)
 and now and then a wrong colour or shape, paired by prompt and labelled by the rater with the same Bradley-Terry

@@ -1,4 +1,4 @@
-"""SPO sampling: a multi-sample eta-DDIM loop with the step-wise resampler (SPO.md §2).
+"""SPO sampling: a multi-sample eta-DDIM loop with the step-wise resampler (docs/spo.md §2).
 
 From `divert_start_step` on, every segment branches K candidates off one parent, lets each run `1 + inner_steps`
 stochastic steps on its own, scores the candidates with the step-aware preference model, keeps the best/worst pair
@@ -7,7 +7,7 @@ from the winner or the loser collapses results, per the paper's ablation). SD 1.
 every step); SDXL uses 3 (branches at steps 4, 8, 12, 16).
 
 The sampler knows nothing about models: it takes `eps_fn(x, t, prompt_index) -> noise prediction` (classifier-free
-guidance applied inside) and `score_fn(x0_latents, prompt_index, t) -> scores` (a score_fn with `scores_latents = True`
+guidance applied inside) and a `Scorer`, `scorer(x0_latents, prompt_index, t) -> scores` (one with `scores_latents`
 gets the candidates' noisy latents instead of their x0 previews).
 """
 
@@ -15,13 +15,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .spo import compare, ddim_step, predicted_x0
 
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """How the sampler judges candidates: `fn(x, prompt_index, t) -> scores`, one score per candidate.
+
+    `x` is each candidate's predicted clean latent (x0) at the candidates' timestep `t`, or with `scores_latents` the
+    candidate's noisy latent itself (a lookahead scorer finishes it before judging).
+    """
+
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    scores_latents: bool = False
+
+    def __call__(self, x: torch.Tensor, prompt_index: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, prompt_index, t)
 
 
 @dataclass
@@ -61,9 +79,9 @@ class SampleResult:
 
 @torch.no_grad()
 def spo_sample(
-    scheduler,
+    scheduler: SchedulerMixin,
     eps_fn: EpsFn,
-    score_fn: ScoreFn,
+    scorer: Scorer,
     latents: torch.Tensor,
     *,
     num_steps: int = 20,
@@ -127,8 +145,8 @@ def spo_sample(
             t_end = torch.zeros((), dtype=timesteps.dtype, device=timesteps.device)
             next_eps = None
             x0 = states[-1]
-        seen = states[-1] if getattr(score_fn, "scores_latents", False) else x0  # a lookahead scorer finishes them
-        scores = score_fn(seen, cand_prompts, t_end.expand(k * b)).reshape(k, b)
+        seen = states[-1] if scorer.scores_latents else x0  # a lookahead scorer finishes them
+        scores = scorer(seen, cand_prompts, t_end.expand(k * b)).reshape(k, b)
         (best, worst), keep = compare(scores, threshold)
         compared += b
         kept += int(keep.sum())
@@ -156,8 +174,8 @@ def spo_sample(
 
 
 @torch.no_grad()
-def ddim_lookahead(scheduler, eps_fn: EpsFn, latents: torch.Tensor, timestep: int, prompt_index: torch.Tensor,
-                   steps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def ddim_lookahead(scheduler: SchedulerMixin, eps_fn: EpsFn, latents: torch.Tensor, timestep: int,
+                   prompt_index: torch.Tensor, steps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Finish noisy latents at `timestep` with `steps` deterministic DDIM steps on the even spacing
     t * (steps - i) // steps: a candidate's worth, measured rather than guessed (the lookahead oracle).
 
@@ -179,7 +197,8 @@ def ddim_lookahead(scheduler, eps_fn: EpsFn, latents: torch.Tensor, timestep: in
     return x, preview
 
 
-def _randn(like: torch.Tensor, generator, rows: torch.Tensor) -> torch.Tensor:
+def _randn(like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None,
+           rows: torch.Tensor) -> torch.Tensor:
     """Standard normal noise shaped like `like`; with per-prompt generators, row r draws from generator[rows[r]]."""
     if not isinstance(generator, list):
         return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
@@ -187,7 +206,7 @@ def _randn(like: torch.Tensor, generator, rows: torch.Tensor) -> torch.Tensor:
                         for r in rows.tolist()]).to(like.device)
 
 
-def _randint(k: int, generator, rows: torch.Tensor) -> torch.Tensor:
+def _randint(k: int, generator: torch.Generator | list[torch.Generator] | None, rows: torch.Tensor) -> torch.Tensor:
     if not isinstance(generator, list):
         return torch.randint(k, (len(rows),), generator=generator).to(rows.device)
     return torch.tensor([int(torch.randint(k, (1,), generator=generator[int(r)])) for r in rows.tolist()],

@@ -1,6 +1,6 @@
 """The step-aware preference model (SPM): a CLIP dual encoder whose vision tower is told the denoising step.
 
-SPO (shared/SPO.md §1) compares candidate images in the middle of sampling, when all it has is the model's predicted
+SPO (docs/spo.md §1) compares candidate images in the middle of sampling, when all it has is the model's predicted
 clean image x0 at step t: blurry and noisy early on, sharp at the end. A plain preference model (PickScore) only ever
 saw clean images, so the SPM conditions the vision tower on t with DiT-style adaLN (Peebles & Xie 2023):
 
@@ -25,6 +25,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ def vit_h14_config() -> CLIPConfig:
 def tiny_clip_config(tokenizer: CLIPTokenizer) -> CLIPConfig:
     """A CLIP for the 64x64 shapes world: 8x8 patches, 4 vision layers, 2 text layers, width 64 (~0.4M params).
 
-    The logit scale starts at 100, the trained value of CLIP / PickScore ("about 100 x cosine", SPO.md §1), not at
+    The logit scale starts at 100, the trained value of CLIP / PickScore ("about 100 x cosine", docs/spo.md §1), not at
     CLIP's from-scratch 1/0.07: with 14 x cosine a fresh tower's near-equal scores give the pairwise loss a weak
     signal, and it learns clear preferences about twice as slowly (tests/test_spm_learning.py).
     """
@@ -94,23 +95,24 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -
 class TimestepEmbedding(nn.Module):
     """t -> sinusoidal features -> Linear-SiLU-Linear -> the vision tower's hidden size."""
 
-    def __init__(self, hidden: int, frequency_dim: int = 256, max_period: float = 10_000.0):
+    def __init__(self, hidden: int, frequency_dim: int = 256, max_period: float = 10_000.0) -> None:
         super().__init__()
         self.frequency_dim, self.max_period = frequency_dim, max_period
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         for layer in (self.mlp[0], self.mlp[2]):  # DiT's initialisation
+            assert isinstance(layer, nn.Linear)
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         features = timestep_features(t, self.frequency_dim, self.max_period)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        return self.mlp(features.to(next(self.mlp.parameters()).dtype))
 
 
 class AdaLNModulation(nn.Module):
     """SiLU -> Linear(hidden -> n * hidden), zero-initialised: n modulation vectors that all start at 0."""
 
-    def __init__(self, hidden: int, n: int):
+    def __init__(self, hidden: int, n: int) -> None:
         super().__init__()
         self.n = n
         self.proj = nn.Linear(hidden, n * hidden)
@@ -128,7 +130,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def modulated_layer(layer: nn.Module, h: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def modulated_layer(layer: Any, h: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """A transformers `CLIPEncoderLayer` with adaLN: its own weights, plus shift/scale/gate for each branch."""
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod
     attn, _ = layer.self_attn(hidden_states=modulate(layer.layer_norm1(h), shift_a, scale_a), attention_mask=None)
@@ -141,7 +143,10 @@ def modulated_layer(layer: nn.Module, h: torch.Tensor, mod: tuple[torch.Tensor, 
 class StepAwarePreferenceModel(nn.Module):
     """CLIP + timestep-conditioned vision tower. `score(images, prompts, timesteps)` is what SPO calls."""
 
-    def __init__(self, clip: CLIPModel, tokenizer: CLIPTokenizer, config: SPMConfig = SPMConfig()):
+    image_mean: torch.Tensor  # buffers: CLIP's normalisation
+    image_std: torch.Tensor
+
+    def __init__(self, clip: CLIPModel, tokenizer: CLIPTokenizer, config: SPMConfig = SPMConfig()) -> None:
         super().__init__()
         self.clip, self.tokenizer, self.config = clip, tokenizer, config
         self.gradient_checkpointing = False
@@ -164,7 +169,7 @@ class StepAwarePreferenceModel(nn.Module):
 
     @classmethod
     def from_clip(cls, path: Path | str, config: SPMConfig = SPMConfig(), tokenizer: Path | str | None = None,
-                  **load_kwargs) -> StepAwarePreferenceModel:
+                  **load_kwargs: Any) -> StepAwarePreferenceModel:
         """Wrap a CLIP / PickScore checkpoint folder; the new time modules start as the identity.
 
         PickScore_v1's folder has no tokenizer (it uses laion/CLIP-ViT-H-14's processor): pass that folder as
@@ -178,7 +183,7 @@ class StepAwarePreferenceModel(nn.Module):
         return cls(clip, CLIPTokenizer.from_pretrained(tok_path), config)
 
     @classmethod
-    def from_pretrained(cls, path: Path | str, **load_kwargs) -> StepAwarePreferenceModel:
+    def from_pretrained(cls, path: Path | str, **load_kwargs: Any) -> StepAwarePreferenceModel:
         """Load a folder written by `save_pretrained` (what the SPO trainer calls)."""
         from safetensors.torch import load_file
 
@@ -186,7 +191,7 @@ class StepAwarePreferenceModel(nn.Module):
         if not (path / SPM_CONFIG).is_file():
             raise FileNotFoundError(f"no SPM at {path} ({SPM_CONFIG} missing)")
         raw = json.loads((path / SPM_CONFIG).read_text())
-        config = SPMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        config = SPMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})  # type: ignore[arg-type]
         model = cls(CLIPModel.from_pretrained(path, **load_kwargs), CLIPTokenizer.from_pretrained(path), config)
         if config.time_conditioning:
             state = load_file(path / TIME_WEIGHTS)
@@ -212,7 +217,7 @@ class StepAwarePreferenceModel(nn.Module):
         return path
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute activations in the backward pass (ViT-H at batch 16 per GPU needs it, SPO.md §4)."""
+        """Recompute activations in the backward pass (ViT-H at batch 16 per GPU needs it, docs/spo.md §4)."""
         self.gradient_checkpointing = True
         self.clip.activation_checkpointing_enable()
 

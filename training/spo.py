@@ -1,4 +1,4 @@
-"""SPO's three primitives (SPO.md §2-§3): the eta-DDIM transition log-density, compare, and the SPO loss.
+"""SPO's three primitives (docs/spo.md §2-§3): the eta-DDIM transition log-density, compare, and the SPO loss.
 
 Kept free of models and trainers so each can be checked against hand-computed values.
 """
@@ -6,12 +6,16 @@ Kept free of models and trainers so each can be checked against hand-computed va
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
 
-def previous_timestep(scheduler, timestep: torch.Tensor) -> torch.Tensor:
+
+def previous_timestep(scheduler: SchedulerMixin, timestep: torch.Tensor) -> torch.Tensor:
     """The timestep the scheduler steps to after `timestep`, read from its own timestep list.
 
     Works for any spacing (leading, trailing, linspace); the reference's `t - 1000 // N` is right only for leading.
@@ -29,13 +33,14 @@ def previous_timestep(scheduler, timestep: torch.Tensor) -> torch.Tensor:
     return nxt[idx + 1].reshape(timestep.shape)
 
 
-def _alpha(scheduler, t: torch.Tensor) -> torch.Tensor:
+def _alpha(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
     alphas = scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float64)
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64, device=t.device)
     return torch.where(t >= 0, alphas[t.clamp(min=0).long()], final)
 
 
-def _x0_and_eps(scheduler, out: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _x0_and_eps(scheduler: Any, out: torch.Tensor, a_t: torch.Tensor,
+                x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return (x - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
@@ -46,7 +51,7 @@ def _x0_and_eps(scheduler, out: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
-def predicted_x0(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int,
+def predicted_x0(scheduler: SchedulerMixin, model_output: torch.Tensor, timestep: torch.Tensor | int,
                  sample: torch.Tensor) -> torch.Tensor:
     """DDIM's predicted clean latent from the noise prediction at `timestep` (what the SPM scores mid-sampling)."""
     t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1).expand(sample.shape[0])
@@ -54,7 +59,7 @@ def predicted_x0(scheduler, model_output: torch.Tensor, timestep: torch.Tensor |
     return _x0_and_eps(scheduler, model_output.double(), a_t, sample.double())[0].to(sample.dtype)
 
 
-def _ddim_mean_std(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor,
+def _ddim_mean_std(scheduler: Any, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor,
                    eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the eta-DDIM transition x_t -> x_prev, as `DDIMScheduler.step` computes them but with the
     previous timestep read from the scheduler's list (diffusers' DDIM uses `t - 1000 // N` too)."""
@@ -71,8 +76,9 @@ def _ddim_mean_std(scheduler, model_output: torch.Tensor, timestep: torch.Tensor
     return mean.float(), std.float()
 
 
-def ddim_step(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor, eta: float,
-              generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+def ddim_step(scheduler: SchedulerMixin, model_output: torch.Tensor, timestep: torch.Tensor | int,
+              sample: torch.Tensor, eta: float, generator: torch.Generator | None = None,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
     """One stochastic eta-DDIM step; the exact transition whose density `ddim_step_log_prob` measures."""
     mean, std = _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
     if noise is None:
@@ -80,8 +86,8 @@ def ddim_step(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | in
     return (mean + std * noise.float()).to(sample.dtype)
 
 
-def ddim_step_log_prob(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor,
-                       prev_sample: torch.Tensor, eta: float) -> torch.Tensor:
+def ddim_step_log_prob(scheduler: SchedulerMixin, model_output: torch.Tensor, timestep: torch.Tensor | int,
+                       sample: torch.Tensor, prev_sample: torch.Tensor, eta: float) -> torch.Tensor:
     """log p(prev_sample | sample) under the eta-DDIM step with `model_output`, averaged over non-batch dims.
 
     The average over latent elements follows the reference implementation: it keeps policy/reference ratios near 1

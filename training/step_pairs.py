@@ -1,7 +1,7 @@
 """Step-wise preference pairs: two candidates branched off one parent mid-sampling, labelled by their finished images.
 
 The paper's step-aware preference model learns from final-image pairs noised to step t, assuming a pair's
-preference survives the same noise (SPO.md §1). On spo-tiny that assumption fails: within a pair the preference is
+preference survives the same noise (docs/spo.md §1). On spo-tiny that assumption fails: within a pair the preference is
 decided after t = 251 (`benchmarks/spm_ceiling.py`), so those inputs carry almost nothing at the steps where SPO's
 sampler compares candidates. These pairs ask the step-aware model the question SPO asks it, on the inputs SPO shows
 it. A trajectory is sampled as SPO's sampler does (DDIM 20 steps, eta 1, CFG 5); at each of its branch steps two
@@ -13,7 +13,7 @@ Bradley-Terry noise of `spo data pairs`.
 A candidate is finished as the lookahead oracle finishes it (`training.sampler.ddim_lookahead`: 4 deterministic DDIM
 steps), so its label is a function of what the SPM sees: this data distils the oracle scorer with which SPO improved
 spo-tiny into a step-aware model. The pairs are ordinary Pick-a-Pic-format records; `spo train spm` scores a pair
-that carries a timestep as it is, at that timestep, instead of noising it (SPO.md §1's route).
+that carries a timestep as it is, at that timestep, instead of noising it (docs/spo.md §1's route).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,7 +35,11 @@ from .sampler import ddim_lookahead
 from .shapes import caption_for
 from .spo import ddim_step
 
-NUM_STEPS = 20  # SPO's sampler: DDIM 20 steps, eta 1, CFG 5 (SPO.md §2)
+if TYPE_CHECKING:
+
+    from service.worker.pipeline import Pipeline
+
+NUM_STEPS = 20  # SPO's sampler: DDIM 20 steps, eta 1, CFG 5 (docs/spo.md §2)
 GUIDANCE = 5.0
 FIRST_BRANCH_STEP = 4  # the sampler's divert_start_step: t = 751 with 20 leading-spaced steps
 LOOKAHEAD_STEPS = 4  # as the oracle scorer
@@ -60,7 +65,7 @@ def plan_step_pairs(n: int, seed: int = 0, split: str = "train", first_step: int
 
 
 @torch.no_grad()
-def _trajectories(pipe, plans: list[PairPlan]) -> list[GeneratedPair]:
+def _trajectories(pipe: Pipeline, plans: list[PairPlan]) -> list[GeneratedPair]:
     """The pairs of a batch of trajectories (plans grouped by `seed_0`). Every draw comes from the trajectory's or the
     pair's own seed, so a pair does not depend on its batch."""
     unet, scheduler = pipe.unet, pipe.scheduler
@@ -100,7 +105,7 @@ def _trajectories(pipe, plans: list[PairPlan]) -> list[GeneratedPair]:
     return made
 
 
-def generate_step_pairs(pipe, plans: list[PairPlan], *, batch: int = 32,
+def generate_step_pairs(pipe: Pipeline, plans: list[PairPlan], *, batch: int = 32,
                         progress: bool = True) -> Iterator[GeneratedPair]:
     """The planned step pairs, rated, in plan order; `batch` trajectories per run."""
     bar = tqdm(total=len(plans), desc="step pairs", unit="pair", dynamic_ncols=True, disable=not progress)
@@ -120,7 +125,7 @@ def write_step_pairs(model: Path | str, out: Path | str, n: int, *, temperature:
                      batch: int = 32, shard_size: int = 4096, row_group_size: int = 256,
                      device: str = "cpu") -> dict:
     """`n` step pairs from a diffusers model into parquet shards at `out` (resumable like `write_pairs`)."""
-    from service.pipeline import load_pipeline
+    from service.worker.pipeline import load_pipeline
 
     pipe = None
 

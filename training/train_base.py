@@ -6,53 +6,32 @@ pipeline folder (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`) that 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import architectures as arch
 from .conditioning import condition
 from .plots import save_curves
+from .presets import BASE_PRESETS, BasePreset
 from .shapes import make_arrays
 
+Log = Callable[[dict[str, Any]], None]  # one record of the training log
 
-@dataclass(frozen=True)
-class BasePreset:
-    kind: str  # "sd15" | "sdxl"
-    n_images: int = 30_000
-    vae_steps: int = 1_200
-    vae_batch: int = 24
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    unet_steps: int = 1_800
-    unet_batch: int = 64
-    unet_lr: float = 6e-4
-    warmup: int = 100
-    caption_dropout: float = 0.1  # empty caption -> the unconditional branch used by classifier-free guidance
-    min_snr_gamma: float = 5.0
-    ema_decay: float = 0.995
-    widths: arch.TinyWidths = field(default_factory=arch.TinyWidths)
-
-
-PRESETS: dict[str, BasePreset] = {
-    "tiny": BasePreset(kind="sd15"),
-    # The SDXL twin reuses spo-tiny's VAE (`--vae models/spo-tiny/vae`) and trains only the denoiser.
-    "tiny-xl": BasePreset(kind="sdxl", unet_steps=1_200, widths=arch.TinyWidths(unet_layers_per_block=1)),
-    # A few steps of everything: for tests and for checking a setup.
-    "smoke": BasePreset(kind="sd15", n_images=256, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, warmup=1,
-                        widths=arch.TinyWidths(vae_channels=(8, 8, 16, 16), unet_channels=(32, 32),
-                                               unet_layers_per_block=1, text_hidden=32, text_layers=1)),
-}
-PRESETS["smoke-xl"] = replace(PRESETS["smoke"], kind="sdxl")
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -66,7 +45,7 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_vae(vae: AutoencoderKL, images: np.ndarray, p: BasePreset, gen: torch.Generator, log) -> AutoencoderKL:
+def train_vae(vae: AutoencoderKL, images: np.ndarray, p: BasePreset, gen: torch.Generator, log: Log) -> AutoencoderKL:
     opt = torch.optim.AdamW(vae.parameters(), lr=p.vae_lr, weight_decay=0.0)
     vae.train()
     bar = tqdm(range(p.vae_steps), desc="vae", dynamic_ncols=True)
@@ -97,7 +76,8 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> 
     return torch.cat(out)
 
 
-def build_pipeline(kind: str, vae, tokenizer, text_encoders, unet):
+def build_pipeline(kind: str, vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoders: list[torch.nn.Module],
+                   unet: UNet2DConditionModel) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     scheduler = arch.sd_scheduler()
     if kind == "sd15":
         return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizer, unet=unet,
@@ -110,11 +90,13 @@ def build_pipeline(kind: str, vae, tokenizer, text_encoders, unet):
                                      force_zeros_for_empty_prompt=False)
 
 
-def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], p: BasePreset, gen: torch.Generator, log):
+def train_denoiser(pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, latents: torch.Tensor,
+                   captions: list[str], p: BasePreset, gen: torch.Generator, log: Log) -> None:
     unet, encoders = pipe.unet, [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m]
     trainable = [unet, *encoders]
     params = [q for m in trainable for q in m.parameters()]
-    ema = [copy.deepcopy(m).requires_grad_(False) for m in trainable]
+    # EMA decay min(ema_decay, (1 + n) / (10 + n)) at update n (diffusers' schedule; its first update copies).
+    ema = EMAModel(params, decay=p.ema_decay)
     opt = torch.optim.AdamW(params, lr=p.unet_lr, weight_decay=1e-2)
     alphas = pipe.scheduler.alphas_cumprod
     for m in trainable:
@@ -140,18 +122,13 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], p: BasePres
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(p.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for m, e in zip(trainable, ema, strict=True):
-                for q, qe in zip(m.parameters(), e.parameters(), strict=True):
-                    qe.lerp_(q, 1 - decay)
+        ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log({"stage": "denoiser", "step": step, "loss": loss.item(), "grad_norm": float(grad_norm),
              "lr": opt.param_groups[0]["lr"]})
-    with torch.no_grad():
-        for m, e in zip(trainable, ema, strict=True):
-            m.load_state_dict(e.state_dict())
-            m.eval()
+    ema.copy_to(params)
+    for m in trainable:
+        m.eval()
 
 
 def store_unet_fp16(folder: Path) -> None:
@@ -166,9 +143,9 @@ def store_unet_fp16(folder: Path) -> None:
 
 def train_base(preset: str, out: Path, seed: int = 0, vae_from: Path | None = None) -> Path:
     """Train a tiny SD-architecture model from scratch and save it as a diffusers pipeline folder at `out`."""
-    if preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    p = PRESETS[preset]
+    if preset not in BASE_PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(BASE_PRESETS)}, got {preset!r}")
+    p = BASE_PRESETS[preset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -1,8 +1,8 @@
 """The Helm chart rendered (tests/deploy/gotemplate.py stands in for `helm template`, which cannot be installed
 here) with each values file: valid YAML objects that fit together (selectors, ports, volumes, names), the contracts
-of DESIGN.md "Kubernetes" (GPU workers, probes that wait for the model, drain time, engine cache, Redis bundled or
-from a Secret, API keys from a Secret, ServiceMonitor, dashboard ConfigMap, PrometheusRule, KEDA, PDBs), and the
-names the service and the monitoring files expect (stream keys, scrape job names, SPO_* settings)."""
+of docs/architecture.md#kubernetes (GPU workers, probes that wait for the model, drain time, engine cache, Redis
+bundled or from a Secret, API keys from a Secret, ServiceMonitor, dashboard ConfigMap, PrometheusRule, KEDA, PDBs),
+and the names the service and the monitoring files expect (stream keys, scrape job names, SPO_* settings)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from chart_values import VALUES_FILES, load_values, merged
 from deploy_paths import CHART, DASHBOARD, DEPLOY, RULES
 from gotemplate import Chart, TemplateError
 
-from service.config import Settings
-from service.queue import Keys
+from service.contracts.config import Settings
+from service.contracts.queue import Keys
 
 RELEASE, NAMESPACE = "spo-diffusion", "spo"
 KNOWN_ENV = {f"SPO_{name.upper()}" for name in Settings.model_fields} | {"SPO_LOG_LEVEL", "SPO_ENGINE_CACHE"}

@@ -142,7 +142,7 @@ def test_chart_metadata():
 
 @pytest.mark.parametrize("path", VALUES_FILES, ids=lambda p: p.name)
 def test_inline_manifests_load_in_the_service(path, tmp_path):
-    from service.manifest import load_manifest
+    from service.contracts.manifest import load_manifest
 
     values = merged(load_values(path))
     if not values["manifest"]["inline"]:
@@ -155,7 +155,7 @@ def test_inline_manifests_load_in_the_service(path, tmp_path):
 
 def test_default_manifest_path_serves_the_default_models():
     """manifest.path points into the image; the image copies deploy/manifests/ and models/ from the repository."""
-    from service.manifest import load_manifest
+    from service.contracts.manifest import load_manifest
 
     for path in VALUES_FILES:
         values = merged(load_values(path))

@@ -132,7 +132,7 @@ def test_compose_file():
 
 def test_compose_env_names_are_service_settings():
     """Every SPO_* variable the compose files set is one the service reads."""
-    from service.config import Settings
+    from service.contracts.config import Settings
 
     known = {f"SPO_{name.upper()}" for name in Settings.model_fields} | {"SPO_LOG_LEVEL", "SPO_ENGINE_CACHE"}
     for path in (DEPLOY / "docker-compose.yml", DEPLOY / "docker-compose.gpu.yml"):

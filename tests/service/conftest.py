@@ -15,7 +15,7 @@ import pytest
 import yaml
 from service_harness import STEPS, ApiServer, ThreadWorker, make_settings, wait_ready
 
-from service.config import Settings
+from service.contracts.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,8 +50,8 @@ def settings(redis_url, prefix, manifest_path) -> Settings:
 @pytest.fixture(scope="session")
 def runner(manifest_path):
     """The model loaded once per session in the test process (thread workers share it, one at a time)."""
-    from service.manifest import load_manifest
-    from service.runner import ModelRunner
+    from service.contracts.manifest import load_manifest
+    from service.worker.model_runner import ModelRunner
 
     return ModelRunner(load_manifest(manifest_path).get("spo-tiny")).load()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from service.config import Settings
+from service.contracts.config import Settings
 
 PROMPT = "a red circle on a blue background"
 STEPS = 4  # few denoising steps keep the suite fast; batching and seeding do not depend on the count
@@ -38,7 +38,7 @@ class ApiServer:
     def __init__(self, settings: Settings) -> None:
         import uvicorn
 
-        from service.api import create_app
+        from service.api.app import create_app
 
         self.app = create_app(settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=free_port(), log_level="warning",
@@ -72,8 +72,8 @@ class ThreadWorker:
         self.thread = threading.Thread(target=self._main, daemon=True)
 
     def _main(self) -> None:
-        from service.queue import JobQueue, connect
-        from service.worker import Worker
+        from service.contracts.queue import JobQueue, connect
+        from service.worker.loop import Worker
 
         async def run() -> None:
             client = connect(self.settings.redis_url, socket_timeout=10)
@@ -134,6 +134,7 @@ class PacedRunner:
         self.inner = runner
         self.spec = runner.spec
         self.device = runner.device
+        self.max_images = runner.max_images
         self.step_delay = step_delay
 
     def run(self, requests, *, on_step=None, **kwargs):

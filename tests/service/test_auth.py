@@ -6,8 +6,8 @@ import httpx
 import pytest
 from service_harness import PROMPT, ApiServer, make_settings
 
-from service.auth import Authenticator, key_scope
-from service.errors import ApiError
+from service.api.auth import Authenticator, key_scope
+from service.api.errors import ApiError
 
 
 @pytest.fixture

@@ -27,8 +27,8 @@ def two_backends(served_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ort_runner(two_backends, tmp_path_factory, monkeypatch_module):
-    from service.manifest import load_manifest
-    from service.runner import ModelRunner
+    from service.contracts.manifest import load_manifest
+    from service.worker.model_runner import ModelRunner
 
     monkeypatch_module.setenv("SPO_ENGINE_CACHE", str(tmp_path_factory.mktemp("engines")))
     return ModelRunner(load_manifest(two_backends).get("spo-tiny-ort")).load()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from service.batcher import can_grow, images, next_batch
-from service.queue import Claim, Job, JobParams
+from service.contracts.queue import Claim, Job, JobParams
+from service.worker.batcher import can_grow, images, next_batch
 
 
 def claim(job_id: str, *, n: int = 1, size: int = 64, steps: int = 20, guidance: float = 5.0,

@@ -189,6 +189,7 @@ class InstantRunner:
     def __init__(self, spec) -> None:
         self.spec = spec
         self.device = "cpu"
+        self.max_images = None
         self.batches: list[int] = []
 
     def run(self, requests, *, width, height, on_step=None, **kwargs):

@@ -1,5 +1,5 @@
 """A LoRA served through its manifest entry gives the same image as `spo generate --lora` for the same seed: the API,
-queue and worker path and the command line load and run the model the same way (issue 6's serving check).
+queue and worker path and the command line load and run the model the same way.
 
 Runs on a LoRA made by the fixture and on the committed `models/spo-tiny-spo` through `models/models.yaml`.
 """
@@ -17,8 +17,8 @@ from PIL import Image
 from service_harness import PROMPT, STEPS, ApiServer, ThreadWorker, make_settings, wait_ready
 
 from service.cli import main as spo
-from service.manifest import load_manifest
-from service.runner import ModelRunner
+from service.contracts.manifest import load_manifest
+from service.worker.model_runner import ModelRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "models" / "spo-tiny-spo"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.backends import UnknownBackendError, get_backend
-from service.manifest import ManifestError, load_manifest
+from service.contracts.manifest import ManifestError, load_manifest
+from service.worker.backends import UnknownBackendError, get_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = ROOT / "deploy" / "manifests" / "spo-published.yaml"
@@ -49,7 +49,7 @@ def test_published_models_load_through_the_shared_code_path(monkeypatch):
     """The worker's runner calls `pipeline.load_pipeline` with exactly the manifest's base / LoRA / VAE / dtype."""
     import torch
 
-    import service.runner as runner_module
+    import service.worker.model_runner as runner_module
 
     calls = []
 

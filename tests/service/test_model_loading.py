@@ -9,9 +9,9 @@ import pytest
 import yaml
 from service_harness import PROMPT, ApiServer, ThreadWorker, make_settings, wait_status
 
-from service.manifest import load_manifest
-from service.pipeline import ImageRequest
-from service.runner import ModelRunner
+from service.contracts.manifest import load_manifest
+from service.worker.model_runner import ModelRunner
+from service.worker.runner import ImageRequest
 
 
 def _image(spec) -> np.ndarray:

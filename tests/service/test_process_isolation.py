@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import json, sys
 from fastapi.testclient import TestClient
-from service.api import create_app
-from service.config import Settings
+from service.api.app import create_app
+from service.contracts.config import Settings
 app = create_app(Settings(manifest=sys.argv[1], redis_url=sys.argv[2], key_prefix=sys.argv[3]))
 with TestClient(app) as client:
     statuses = [client.get("/v1/models").status_code,

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from service_harness import PROMPT, ApiServer, ThreadWorker, make_settings, wait_status
 
-from service.queue import JobParams, JobQueue, QueueFull, connect
+from service.contracts.queue import JobParams, JobQueue, QueueFull, connect
 
 MODEL = "spo-tiny"
 

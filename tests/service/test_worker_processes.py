@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from service_harness import PROMPT, ApiServer, make_settings
 
-from service.pipeline import ImageRequest
+from service.worker.runner import ImageRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 30

@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from .backends import get_backend
-from .manifest import ModelSpec, parse_size
-from .pipeline import ImageRequest, generate, load_pipeline
+from service.contracts.manifest import ModelSpec, parse_size
+from service.worker.backends import get_backend
+from service.worker.pipeline import Pipeline, generate, load_pipeline
+from service.worker.runner import ImageRequest, StepCallback
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# on_step(step, total, seconds_since_previous_step); raising from it aborts the batch.
-StepCallback = Callable[[int, int, float], None]
-
 
 class ModelRunner:
-    """Owns the pipeline of one served model."""
+    """Owns the pipeline of one served model (the `runner.Runner` the worker loop drives)."""
 
     def __init__(self, spec: ModelSpec, *, device: str | None = None, threads: int | None = None) -> None:
         if device is not None and device != spec.device:  # SPO_DEVICE / --device: the backend sees it too
@@ -36,7 +33,7 @@ class ModelRunner:
         self.device = spec.device
         self.threads = threads
         self.backend = get_backend(spec.backend)  # fails fast on an unknown backend, before loading weights
-        self.pipe = None
+        self.pipe: Pipeline | None = None
 
     def load(self) -> ModelRunner:
         if self.threads:

@@ -15,8 +15,8 @@ import time
 
 import redis.asyncio as aioredis
 
-from .errors import ApiError
-from .queue import Keys
+from service.api.errors import ApiError
+from service.contracts.queue import Keys
 
 ANONYMOUS = "anonymous"
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from .errors import ApiError
-from .manifest import ModelSpec, parse_size
-from .queue import JobParams
-from .schemas import ImageGenerationRequest
+from service.api.errors import ApiError
+from service.api.schemas import ImageGenerationRequest
+from service.contracts.manifest import ModelSpec, parse_size
+from service.contracts.queue import JobParams
 
 
 class PromptTokenizer:

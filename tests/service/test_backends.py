@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from service.artifacts import ArtifactCache, ArtifactKey, ShapeProfile, profile_for, weights_digest
-from service.backends import UnknownBackendError, get_backend
-from service.backends.onnx_export import example_inputs
-from service.backends.ort import OnnxRuntimeBackend
-from service.backends.trt import engine_key, profile_shapes, tensorrt_available
-from service.manifest import ModelSpec
-from service.pipeline import ImageRequest, generate, load_pipeline
+from service.contracts.manifest import ModelSpec
+from service.worker.artifacts import ArtifactCache, ArtifactKey, ShapeProfile, profile_for, weights_digest
+from service.worker.backends import UnknownBackendError, get_backend
+from service.worker.backends.onnx_export import example_inputs
+from service.worker.backends.ort import OnnxRuntimeBackend
+from service.worker.backends.trt import engine_key, profile_shapes, tensorrt_available
+from service.worker.pipeline import generate, load_pipeline
+from service.worker.runner import ImageRequest
 from tests.conftest import ROOT
 
 
@@ -98,7 +99,7 @@ def test_onnxruntime_vae_decoder_matches_torch_and_is_cached(smoke_model, smoke_
 def test_runner_with_the_vae_decoder_on_onnxruntime_equals_torch(smoke_model, shared_cache, monkeypatch):
     """`compile_vae_decoder: true` installs the ONNX Runtime decoder in the served pipeline; images stay within
     1/255 mean abs of the torch backend's."""
-    from service.runner import ModelRunner
+    from service.worker.model_runner import ModelRunner
 
     monkeypatch.setenv("SPO_ENGINE_CACHE", str(shared_cache))
     reqs = [ImageRequest("a red circle on a blue background", 7), ImageRequest("a blue square on a red background", 8)]
@@ -122,7 +123,7 @@ def test_compile_vae_decoder_needs_a_backend_that_compiles_it(smoke_model):
 
 
 def test_cuda_graphs_pick_the_compile_mode_and_need_a_cuda_device(smoke_model, monkeypatch):
-    from service.backends.compiled import CompileBackend
+    from service.worker.backends.torch_compile import CompileBackend
 
     monkeypatch.delenv("SPO_COMPILE_MODE", raising=False)
     spec = _spec(smoke_model, "sd15", backend="compile")
@@ -239,7 +240,7 @@ def test_unavailable_backends_fail_loudly():
 def test_tensorrt_engine_matches_torch(smoke_model, tmp_path):
     pipe = load_pipeline(str(smoke_model), device="cuda")
     spec = _spec(smoke_model, "sd15", backend="tensorrt").model_copy(update={"device": "cuda"})
-    from service.backends.trt import TensorRTBackend
+    from service.worker.backends.trt import TensorRTBackend
 
     unet = TensorRTBackend(cache_dir=tmp_path).prepare(pipe, spec)
     x = example_inputs(unet.profile, 2, (8, 8), torch.float32, "cuda")
@@ -253,13 +254,13 @@ def test_spo_export_writes_the_onnx_interface_and_names_bad_flags(smoke_model, t
     from service.cli import main
 
     out = tmp_path / "out"
-    assert main(["export", "--model", str(smoke_model), "--backend", "onnx", "--out", str(out),
+    assert main(["export", "--model", str(smoke_model), "--backend", "onnxruntime", "--out", str(out),
                  "--cache", str(tmp_path / "cache")]) == 0
     assert (out / "unet.onnx").is_file() and (out / "unet.meta.json").is_file()
     for argv, flag in ((["--model", "no-such-model"], "--model"), (["--model", str(smoke_model), "--sizes", "65x64"],
                                                                    "--sizes")):
         with pytest.raises(SystemExit):
-            main(["export", "--backend", "onnx", "--cache", str(tmp_path / "cache"), *argv])
+            main(["export", "--backend", "onnxruntime", "--cache", str(tmp_path / "cache"), *argv])
         assert flag in capsys.readouterr().err
     if not tensorrt_available():  # refused before any weights load, naming the flag and what is missing
         for device, says in (("cpu", "--device cuda"), ("cuda", "TensorRT Python package")):
@@ -279,8 +280,8 @@ def test_spo_export_prebuilds_the_vae_decoder_when_the_manifest_asks(smoke_model
     entry = {**_spec(smoke_model, "sd15", sizes=("64x64",)).model_dump(), "name": "m-vae", "compile_vae_decoder": True}
     manifest.write_text(yaml.safe_dump({"models": [entry]}))
     out, cache = tmp_path / "out", tmp_path / "cache"
-    assert main(["export", "--model", "m-vae", "--manifest", str(manifest), "--backend", "onnx", "--out", str(out),
-                 "--cache", str(cache)]) == 0
+    assert main(["export", "--model", "m-vae", "--manifest", str(manifest), "--backend", "onnxruntime",
+                 "--out", str(out), "--cache", str(cache)]) == 0
     assert {p.name for p in out.iterdir()} >= {"unet.onnx", "unet.meta.json", "vae_decoder.onnx",
                                                "vae_decoder.meta.json"}
     assert len(list((cache / "onnx-vae-decoder").iterdir())) == 1  # in the cache, where the worker looks
@@ -306,7 +307,7 @@ def test_compile_backend_matches_eager_for_unet_and_vae_decoder(smoke_model):
 def test_warmup_compiles_every_shape_class_before_requests(smoke_model, monkeypatch):
     """torch.compile recompiles per new shape (~50 s on an H100): the worker's warm-up must call the largest batch
     and every allowed size once; a backend without per-shape compiles keeps the single small call."""
-    from service.runner import ModelRunner
+    from service.worker.model_runner import ModelRunner
 
     assert get_backend("compile").compiles_per_shape and not get_backend("torch").compiles_per_shape
     runner = ModelRunner(_spec(smoke_model, "sd15", backend="torch"))  # sizes 64x64 + 128x128, max_n 4
@@ -331,7 +332,7 @@ def test_after_warmup_no_request_shape_recompiles(smoke_model):
     dynamic in batch and size, so other batch sizes and sizes run without compiling again."""
     from torch._dynamo.utils import counters
 
-    from service.runner import ModelRunner
+    from service.worker.model_runner import ModelRunner
 
     torch._dynamo.reset()
     runner = ModelRunner(_spec(smoke_model, "sd15", backend="compile")).load()

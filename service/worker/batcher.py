@@ -1,9 +1,9 @@
 """Scheduling: which claimed jobs share one pipeline call.
 
 Jobs can share a call when they agree on everything the pipeline takes for the whole batch (model, size, steps,
-guidance, scheduler); prompts, negative prompts and seeds are per image. A batch takes the oldest highest-priority
-job's group, in arrival order, up to `max_batch` images; other jobs wait in the worker's backlog for a later batch.
-Pure functions over plain data, so the policy is tested without Redis or torch.
+guidance; a worker serves one model, so its scheduler is fixed); prompts, negative prompts and seeds are per image. A
+batch takes the oldest highest-priority job's group, in arrival order, up to `max_batch` images; other jobs wait in the
+worker's backlog for a later batch. Pure functions over plain data, so the policy is tested without Redis or torch.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .queue import PRIORITIES, Claim
+from service.contracts.queue import PRIORITIES, Claim
 
 
 @dataclass(frozen=True)
@@ -21,13 +21,11 @@ class BatchKey:
     height: int
     steps: int
     guidance: float
-    scheduler: str = "default"
 
 
-def batch_key(claim: Claim, scheduler: str = "default") -> BatchKey:
+def batch_key(claim: Claim) -> BatchKey:
     p = claim.job.params
-    return BatchKey(model=p.model, width=p.width, height=p.height, steps=p.steps, guidance=p.guidance,
-                    scheduler=scheduler)
+    return BatchKey(model=p.model, width=p.width, height=p.height, steps=p.steps, guidance=p.guidance)
 
 
 def images(claims: Sequence[Claim]) -> int:

@@ -8,22 +8,47 @@ what else is in its batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
+from service.contracts.manifest import is_local_ref
+from service.worker.runner import ImageRequest
+
 log = logging.getLogger(__name__)
+
+
+class Pipeline(Protocol):
+    """A loaded Stable Diffusion 1.5 or SDXL pipeline, as this project uses it.
+
+    diffusers registers a pipeline's components at run time (`register_modules`), so a type checker sees none of
+    them on `DiffusionPipeline`; this names the ones the service and the trainers reach for. `unet` may be a
+    backend's stand-in with the UNet's call signature.
+    """
+
+    unet: Any  # UNet2DConditionModel, or what a UNet backend installed in its place
+    vae: Any  # AutoencoderKL (its encoder/decoder are registered at run time too)
+    text_encoder: torch.nn.Module
+    tokenizer: Any  # CLIPTokenizer
+    scheduler: Any  # a diffusers scheduler (DDIMScheduler for the tiny models)
+    vae_scale_factor: int
+    components: dict[str, Any]
+    config: Any  # the pipeline's FrozenDict of component names and flags (force_zeros_for_empty_prompt)
+    device: torch.device
+    dtype: torch.dtype
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+    def set_progress_bar_config(self, **kwargs: Any) -> None: ...
+    def encode_prompt(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class ModelLoadError(RuntimeError):
     """The model (or its LoRA / VAE) cannot be found or loaded."""
-
-
-def _is_local(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or Path(ref).exists()
 
 
 def load_pipeline(
@@ -36,22 +61,22 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     local_files_only: bool | None = None,
     unet: str | None = None,
-) -> DiffusionPipeline:
+) -> Pipeline:
     """Load a local diffusers folder or a hub id (when the hub is reachable), swap the VAE (and the UNet, for a full
     fine-tune saved as a UNet folder), fuse the LoRA.
 
     The LoRA is fused into the UNet weights (and unloaded) so inference and compiled backends see one plain UNet.
     """
-    if _is_local(base):
+    if is_local_ref(base):
         path = Path(base).expanduser()
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(f"no diffusers pipeline at {path} (model_index.json not found)")
         base = str(path)
-    local_only = _is_local(base) if local_files_only is None else local_files_only
+    local_only = is_local_ref(base) if local_files_only is None else local_files_only
     kwargs = {}
     if vae is not None:
         try:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, local_files_only=_is_local(vae))
+            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, local_files_only=is_local_ref(vae))
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load VAE {vae!r}: {err}") from err
     if unet is not None:
@@ -59,7 +84,7 @@ def load_pipeline(
 
         try:
             kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, torch_dtype=dtype,
-                                                                  local_files_only=_is_local(unet))
+                                                                  local_files_only=is_local_ref(unet))
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load UNet {unet!r}: {err}") from err
     try:
@@ -70,34 +95,25 @@ def load_pipeline(
         pipe.safety_checker = None
     if lora is not None:
         try:
-            pipe.load_lora_weights(lora, adapter_name="default", local_files_only=_is_local(lora))
+            pipe.load_lora_weights(lora, adapter_name="default", local_files_only=is_local_ref(lora))
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load LoRA {lora!r}: {err}") from err
         pipe.fuse_lora(lora_scale=lora_scale)
         pipe.unload_lora_weights()
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """One image to generate; requests that agree on the pipeline-wide fields share one batched call."""
-
-    prompt: str
-    seed: int
-    negative_prompt: str = ""
+    return cast(Pipeline, pipe)
 
 
 def generate(
-    pipe: DiffusionPipeline,
+    pipe: Pipeline,
     requests: list[ImageRequest],
     *,
     steps: int,
     guidance: float,
     width: int,
     height: int,
-    callback=None,
+    callback: Callable[[int, int], None] | None = None,
 ) -> list[np.ndarray]:
     """Run one pipeline call for all requests; returns uint8 RGB arrays (H, W, 3) in request order.
 
@@ -106,7 +122,7 @@ def generate(
     """
     generators = [torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in requests]
 
-    def on_step_end(_pipe, i, _t, kwargs):
+    def on_step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if callback is not None:
             callback(i + 1, steps)
         return kwargs

@@ -8,25 +8,29 @@ class provides exactly that and turns the call into named input tensors; subclas
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
-from ..artifacts import ShapeProfile
-from .onnx_export import input_names
+from service.worker.artifacts import ShapeProfile
+from service.worker.backends.onnx_export import input_names
 
 
-class CompiledUNet:
+class EngineUNet:
+    """A UNet-shaped front over an engine (ONNX Runtime session, TensorRT context); `run` is the engine call."""
+
     def __init__(self, unet: torch.nn.Module, profile: ShapeProfile, device: torch.device, dtype: torch.dtype) -> None:
         self.config = unet.config
         self.profile = profile
         self.device = device
         self.dtype = dtype
         self.names = input_names(profile)
-        if getattr(unet, "add_embedding", None) is not None:  # SDXL's pipeline validates its time ids against this
-            linear = unet.add_embedding.linear_1
+        embedding: Any = getattr(unet, "add_embedding", None)
+        if embedding is not None:  # SDXL's pipeline validates its time ids against this
+            linear = embedding.linear_1
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=linear.in_features))
 
-    def feeds(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+    def feeds(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
               added_cond_kwargs: dict | None) -> dict[str, torch.Tensor]:
         """Named, contiguous inputs in the engine's dtypes; raises ValueError outside the shape profile."""
         b, _, h, w = sample.shape
@@ -43,7 +47,7 @@ class CompiledUNet:
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args,
-                 added_cond_kwargs: dict | None = None, return_dict: bool = True, **kwargs):
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
+                 *args: Any, added_cond_kwargs: dict | None = None, return_dict: bool = True, **kwargs: Any) -> Any:
         out = self.run(self.feeds(sample, timestep, encoder_hidden_states, added_cond_kwargs)).to(sample.dtype)
         return SimpleNamespace(sample=out) if return_dict else (out,)

@@ -1,22 +1,22 @@
 """`compile` backend: `torch.compile` of the pipeline's UNet (meant for GPUs; runs on CPU with inductor too).
 
-Compilation is per input shape: each new (batch, size) recompiles (~50 s for spo-tiny on an H100), and from the
-second value of a dimension on, dynamo makes that dimension dynamic. So the worker's warm-up calls the largest batch
-and every allowed size once before it takes work (`ModelRunner.warmup`), and no request pays for a compile.
+Compilation is per input shape: each new (batch, size) recompiles (its cost on a GPU is in
+benchmarks/results/h100-backends-2026-11-26), and from the second value of a dimension on, dynamo makes that
+dimension dynamic. So the worker's warm-up calls the largest batch and every allowed size once before it takes work
+(`ModelRunner.warmup`), and no request pays for a compile.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import UNetBackend
+from service.worker.backends.base import UNetBackend
 
 if TYPE_CHECKING:
-    from ..manifest import ModelSpec
+    from service.contracts.manifest import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,9 @@ class CompileBackend(UNetBackend):
     compiles_per_shape = True
 
     def __init__(self, mode: str | None = None) -> None:
-        self.mode = mode or os.environ.get("SPO_COMPILE_MODE")
+        from service.contracts.config import Settings
+
+        self.mode = mode or Settings().compile_mode
 
     def prepare(self, pipe: Any, spec: ModelSpec) -> Any:
         unet = pipe.unet.eval().requires_grad_(False)
@@ -44,9 +46,7 @@ class CompileBackend(UNetBackend):
 
     def mode_for(self, spec: ModelSpec) -> str:
         """SPO_COMPILE_MODE, else `reduce-overhead` (CUDA graphs) where the manifest asks for `cuda_graphs`, else
-        inductor's default mode, the one measured on an H100 (3.3x eager for SD 1.5, 3.0x for SDXL;
-        benchmarks/results/h100-backends-2026-11-26, where the same eager kernels replayed from a CUDA graph ran
-        faster still: the host's launch time bounds the rest)."""
+        inductor's default mode, the fastest one measured on an H100 (benchmarks/results/h100-backends-2026-11-26)."""
         return self.mode or ("reduce-overhead" if spec.cuda_graphs else "default")
 
     def describe(self) -> str:

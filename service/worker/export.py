@@ -11,7 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from .manifest import Manifest, ModelSpec, load_manifest, parse_size
+from service.contracts.manifest import Manifest, ModelSpec, load_manifest, native_size, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,9 @@ def resolve_spec(model: str, manifest_path: Path | None) -> ModelSpec:
     if (path / "model_index.json").is_file():
         index = json.loads((path / "model_index.json").read_text())
         kind = "sdxl" if "XL" in index.get("_class_name", "") else "sd15"
-        unet = json.loads((path / "unet" / "config.json").read_text())
-        vae = json.loads((path / "vae" / "config.json").read_text())
-        side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
-        size = f"{side}x{side}"
+        size = native_size(path)
+        if size is None:
+            raise ExportError(f"--model {model!r}: cannot read the native size from its unet/vae config.json")
         return ModelSpec(name=path.name, kind=kind, base=str(path.resolve()),
                          defaults={"steps": 20, "guidance": 5.0, "size": size}, sizes=[size])
     if manifest_path is None:
@@ -45,14 +44,15 @@ def export(model: str, backend: str, *, manifest_path: Path | None = None, out: 
            fp16: bool = False, max_batch: int | None = None, sizes: list[str] | None = None,
            device: str | None = None, cache_dir: Path | None = None) -> Path:
     """Export (and for TensorRT, build) the UNet of `model`, and its VAE decoder when the manifest entry asks for
-    `compile_vae_decoder` (onnx); returns the cached UNet artifact's path."""
+    `compile_vae_decoder` (onnxruntime); returns the cached UNet artifact's path."""
     import torch
 
-    from .backends.ort import default_cache_dir, ensure_onnx
-    from .pipeline import load_pipeline
+    from service.worker.artifacts import default_cache_dir
+    from service.worker.backends.onnx_export import ensure_onnx
+    from service.worker.pipeline import load_pipeline
 
-    if backend not in ("onnx", "tensorrt"):
-        raise ExportError(f"--backend must be onnx or tensorrt, got {backend!r}")
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise ExportError(f"--backend must be onnxruntime or tensorrt, got {backend!r}")
     spec = resolve_spec(model, manifest_path)
     update: dict = {"dtype": "float16" if fp16 else "float32"}
     if sizes:
@@ -75,7 +75,7 @@ def export(model: str, backend: str, *, manifest_path: Path | None = None, out: 
     cache = cache_dir or default_cache_dir()
     trt_backend = None
     if backend == "tensorrt":  # before loading any weights: a missing library or GPU fails in a second
-        from .backends.trt import TensorRTBackend
+        from service.worker.backends.trt import TensorRTBackend
 
         if torch.device(spec.device).type != "cuda":
             raise ExportError(f"--backend tensorrt builds engines on a CUDA device; add --device cuda (the model's "
@@ -87,16 +87,17 @@ def export(model: str, backend: str, *, manifest_path: Path | None = None, out: 
     dtype = torch.float16 if fp16 else torch.float32
     pipe = load_pipeline(spec.base, lora=spec.lora, lora_scale=spec.lora_scale, vae=spec.vae, unet=spec.unet,
                          dtype=dtype, device=spec.device)
-    if backend == "onnx":
-        from .artifacts import ArtifactCache
+    if backend == "onnxruntime":
+        from service.worker.artifacts import ArtifactCache
 
         artifacts = ArtifactCache(cache)
         path, _ = ensure_onnx(pipe, spec, artifacts, fp16)
         if spec.compile_vae_decoder:  # the worker will want the decoder too: build it now as well
-            from .backends.ort import ensure_onnx_vae_decoder
+            from service.worker.backends.onnx_export import ensure_onnx_vae_decoder
 
             _copy_out(ensure_onnx_vae_decoder(pipe, spec, artifacts)[0], out)
     else:
+        assert trt_backend is not None  # made above, before the weights loaded
         path, _, _ = trt_backend.ensure_engine(pipe, spec)
     _copy_out(path, out)
     log.info("exported %s (%s) -> %s", spec.name, backend, path)

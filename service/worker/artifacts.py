@@ -132,3 +132,10 @@ class ArtifactCache:
         finally:
             if scratch.exists():
                 shutil.rmtree(scratch, ignore_errors=True)
+
+
+def default_cache_dir() -> Path:
+    """Where compiled artifacts live unless a caller says otherwise (`SPO_ENGINE_CACHE`)."""
+    from service.contracts.config import Settings
+
+    return Settings().engine_cache.expanduser()

@@ -24,20 +24,18 @@ Protocol (at-least-once, no visible duplicates):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +320,7 @@ class JobQueue:
         self._groups_ready.clear()
 
     async def get(self, job_id: str) -> Job | None:
-        h = await self.redis.hgetall(self.keys.job(job_id))
+        h = cast("dict[str, str]", await self.redis.hgetall(self.keys.job(job_id)))  # decode_responses=True
         return Job.from_hash(h) if h.get("id") else None  # absent (never existed, or expired)
 
     async def publish(self, job_id: str, event: dict[str, Any]) -> None:
@@ -402,14 +400,15 @@ class JobQueue:
             if priority == job.priority:
                 if _entry_le(job.entry_id, last):
                     return 0  # already handed to a worker, about to start
-                ahead += len(await self.redis.xrange(stream, f"({last}", f"({job.entry_id}"))
+                ahead += len(await self.redis.xrange(stream, f"({last}", f"({job.entry_id}") or ())
                 return ahead
-            ahead += len(await self.redis.xrange(stream, f"({last}", "+"))
+            ahead += len(await self.redis.xrange(stream, f"({last}", "+") or ())
         return ahead
 
     async def image(self, job_id: str, k: int) -> bytes | None:
         client = self.raw or self.redis
-        return await client.get(self.keys.image(job_id, k))
+        data = await client.get(self.keys.image(job_id, k))
+        return data.encode() if isinstance(data, str) else data
 
     async def live_workers(self, model: str, stale_s: float) -> list[dict[str, Any]]:
         beats = await self.redis.hgetall(self.keys.workers(model))
@@ -481,7 +480,7 @@ class JobQueue:
                                                       consumername=consumer)
             owned = {p["message_id"] for p in pending} & set(ids)
             if owned:
-                await self.redis.xclaim(stream, GROUP, consumer, 0, sorted(owned), justid=True)
+                await self.redis.xclaim(stream, GROUP, consumer, 0, list(sorted(owned)), justid=True)
 
     async def start(self, claim: Claim, consumer: str, max_attempts: int) -> str:
         """queued|running -> running. Returns ok | exhausted | cancelled | missing | the terminal status."""
@@ -583,75 +582,3 @@ def _entry_le(a: str, b: str) -> bool:
     ma, sa = (int(x) for x in a.split("-"))
     mb, sb = (int(x) for x in b.split("-"))
     return (ma, sa) <= (mb, sb)
-
-
-class EventHub:
-    """One pattern subscription per API process, fanned out to the requests waiting on a job.
-
-    Requests `subscribe(job_id)` *before* reading the job's state, so no event is missed between read and wait.
-    If the subscription drops (Redis restart), it reconnects and sends every listener a `resync` event so it
-    re-reads the job state.
-    """
-
-    def __init__(self, url: str, keys: Keys) -> None:
-        self.url = url
-        self.keys = keys
-        self._listeners: dict[str, set[asyncio.Queue]] = defaultdict(set)
-        self._task: asyncio.Task | None = None
-        self.connected = asyncio.Event()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="spo-event-hub")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    @contextlib.asynccontextmanager
-    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue]:
-        queue: asyncio.Queue = asyncio.Queue()
-        self._listeners[job_id].add(queue)
-        try:
-            yield queue
-        finally:
-            self._listeners[job_id].discard(queue)
-            if not self._listeners[job_id]:
-                del self._listeners[job_id]
-
-    def _broadcast(self, job_id: str | None, event: dict[str, Any]) -> None:
-        targets = self._listeners.get(job_id, ()) if job_id else [q for qs in self._listeners.values() for q in qs]
-        for q in list(targets):
-            q.put_nowait(event)
-
-    async def _run(self) -> None:
-        prefix_len = len(self.keys.events(""))
-        backoff = 0.2
-        while True:
-            client = connect(self.url, socket_timeout=None)
-            pubsub = client.pubsub()
-            try:
-                await pubsub.psubscribe(self.keys.events_pattern())
-                self.connected.set()
-                backoff = 0.2
-                self._broadcast(None, {"type": "resync"})  # events may have been missed while disconnected
-                while True:
-                    # Blocks until a message arrives (None after 30 s of silence, or for a non-data reply); the
-                    # client's health_check_interval pings a silent connection, so a dead server is noticed.
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
-                    if message is None or message["type"] != "pmessage":
-                        continue
-                    self._broadcast(message["channel"][prefix_len:], json.loads(message["data"]))
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as err:
-                if self.connected.is_set():
-                    log.warning("event subscription lost (%s); reconnecting", err)
-                self.connected.clear()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-                    await client.aclose()

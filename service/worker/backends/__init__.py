@@ -5,38 +5,40 @@ signature: `torch` (eager, the pipeline's own UNet), `compile` (torch.compile), 
 and `tensorrt` (engine built from that export). A backend that cannot load (no GPU, no tensorrt) raises at worker
 start with a clear message; nothing falls back silently.
 
-This package's top level imports no torch, so the manifest (read by the API) can check backend names.
+The manifest (a shared contract, read by the API too) lists the names; this registry implements each of them and
+imports a backend's module (and torch) only when it is asked for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import UNetBackend
+from service.contracts.manifest import KNOWN_BACKENDS
+from service.worker.backends.base import UNetBackend
 
 _FACTORIES: dict[str, Callable[[], UNetBackend]] = {}
 
 
 def _torch_eager() -> UNetBackend:
-    from .torch_eager import TorchEagerBackend
+    from service.worker.backends.torch_eager import TorchEagerBackend
 
     return TorchEagerBackend()
 
 
 def _onnxruntime() -> UNetBackend:
-    from .ort import OnnxRuntimeBackend
+    from service.worker.backends.ort import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend()
 
 
 def _compile() -> UNetBackend:
-    from .compiled import CompileBackend
+    from service.worker.backends.torch_compile import CompileBackend
 
     return CompileBackend()
 
 
 def _tensorrt() -> UNetBackend:
-    from .trt import TensorRTBackend
+    from service.worker.backends.trt import TensorRTBackend
 
     return TensorRTBackend()
 
@@ -46,7 +48,8 @@ _FACTORIES["compile"] = _compile
 _FACTORIES["onnxruntime"] = _onnxruntime
 _FACTORIES["tensorrt"] = _tensorrt
 
-KNOWN_BACKENDS: tuple[str, ...] = tuple(_FACTORIES)
+if tuple(_FACTORIES) != KNOWN_BACKENDS:  # a backend the manifest accepts must exist here, and the other way round
+    raise ImportError(f"backend registry {tuple(_FACTORIES)} disagrees with the manifest's {KNOWN_BACKENDS}")
 
 
 class UnknownBackendError(ValueError):

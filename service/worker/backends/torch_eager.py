@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import UNetBackend
+from service.worker.backends.base import UNetBackend
 
 if TYPE_CHECKING:
-    from ..manifest import ModelSpec
+    from service.contracts.manifest import ModelSpec
 
 
 class TorchEagerBackend(UNetBackend):

@@ -6,13 +6,14 @@ Lists (`SPO_MODELS`, `SPO_API_KEYS`) are comma-separated.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_MANIFEST = Path(__file__).resolve().parents[1] / "models" / "models.yaml"
+DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "models" / "models.yaml"
 
 
 def _split_csv(value: object) -> object:
@@ -55,6 +56,13 @@ class Settings(BaseSettings):
     worker_stale_s: float = Field(15.0, gt=0, description="a worker silent this long is not counted as serving")
     device: str | None = Field(None, description="override the manifest's device (cpu, cuda, cuda:1)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the worker")
+    engine_cache: Path = Field(Path("~/.cache/spo-diffusion/engines"),
+                               description="compiled-artifact cache (ONNX files, TensorRT engines)")
+    compile_mode: str | None = Field(None, description="torch.compile mode of the compile backend (unset: default, "
+                                                       "or reduce-overhead with the manifest's cuda_graphs)")
+
+    # Logs
+    log_level: str = Field("INFO", description="log level of every `spo` process (DEBUG, INFO, WARNING, ...)")
 
     # HTTP
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted request body")
@@ -73,3 +81,8 @@ class Settings(BaseSettings):
                 if line:
                     keys.append(line)
         return keys
+
+
+def configure_logging(level: str) -> None:
+    """One log format for every `spo` process, serving or training (SPO_LOG_LEVEL sets the level)."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

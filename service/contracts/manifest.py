@@ -16,7 +16,7 @@ loads weights from it, so the tiny local models and the published hub checkpoint
         max_n: 4
         max_steps: 50
         guidance_range: [0.0, 20.0]
-        backend: torch                # UNet backend (service/backends)
+        backend: torch                # UNet backend (service/worker/backends)
         dtype: float32                # float32 | float16 | bfloat16
         device: cpu
 
@@ -36,8 +36,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .backends import KNOWN_BACKENDS
-from .sizes import parse_size  # noqa: F401 - re-exported: the manifest's size rules
+from service.contracts.sizes import parse_size  # noqa: F401 - re-exported: the manifest's size rules
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -61,6 +60,8 @@ class Defaults(BaseModel):
         return value
 
 
+# The UNet backends a manifest may name (service/worker/backends implements each; a test keeps the two in step).
+KNOWN_BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 VAE_DECODER_BACKENDS = ("onnxruntime", "compile")  # those implementing prepare_vae_decoder
 CUDA_GRAPH_BACKENDS = ("compile", "tensorrt")  # those that can replay a static shape from a CUDA graph
 
@@ -82,7 +83,6 @@ class ModelSpec(BaseModel):
     max_n: int = Field(4, ge=1)
     max_steps: int = Field(50, ge=1)
     guidance_range: tuple[float, float] = (0.0, 20.0)
-    scheduler: str = Field("default", description="the pipeline's own scheduler; part of the batching key")
     backend: str = "torch"
     compile_vae_decoder: bool = Field(False, description="run the VAE decoder on the backend too")
     cuda_graphs: bool = Field(False, description="replay each (batch, size) from a CUDA graph (compile: mode "
@@ -125,12 +125,9 @@ class ModelSpec(BaseModel):
             raise ValueError(f"cuda_graphs needs backend {' or '.join(CUDA_GRAPH_BACKENDS)}, not {self.backend!r}")
         return self
 
-    def is_local(self, ref: str) -> bool:
-        return ref.startswith("/")
-
     def tokenizer_source(self) -> tuple[str, str | None]:
         """(path or hub id, subfolder) of the CLIP tokenizer the API counts prompt tokens with."""
-        if self.is_local(self.base):
+        if is_local_ref(self.base):
             return str(Path(self.base) / "tokenizer"), None
         return self.base, "tokenizer"
 
@@ -161,15 +158,19 @@ class Manifest:
         return [self.get(n) for n in names] if names else list(self.models.values())
 
 
+def is_local_ref(ref: str, root: Path = Path(".")) -> bool:
+    """Whether a model reference names a local path rather than a hub id: `./x`, `../x`, `/x` and `~/x` always do,
+    anything else (`org/name`) only when a file or folder of that name exists under `root`."""
+    return ref.startswith(("./", "../", "/", "~")) or ref in (".", "..") or (root / Path(ref).expanduser()).exists()
+
+
 def resolve_ref(ref: str, root: Path) -> str:
     """A local path (absolute, or relative to the manifest's folder) becomes absolute; a hub id stays as it is.
 
     `./x`, `../x`, `/x` and `~/x` are always local; `org/name` is a hub id unless a folder of that name exists.
     """
-    if ref.startswith(("./", "../", "/", "~")) or ref in (".", ".."):
+    if is_local_ref(ref, root):
         return str((root / Path(ref).expanduser()).resolve())
-    if (root / ref).exists():
-        return str((root / ref).resolve())
     if HUB_ID_RE.match(ref):
         return ref
     raise ValueError(f"{ref!r} is neither a local path (start it with ./ or /) nor a hub id like 'org/name'")
@@ -195,8 +196,8 @@ def _prepare(raw: dict, root: Path) -> dict:
     defaults = dict(raw.get("defaults") or {})
     if "size" not in defaults:
         sizes = raw.get("sizes")
-        inferred = native_size(Path(raw["base"])) if isinstance(raw.get("base"), str) and \
-            raw["base"].startswith("/") else None
+        base = raw.get("base")
+        inferred = native_size(Path(base)) if isinstance(base, str) and is_local_ref(base) else None
         size = sizes[0] if isinstance(sizes, list) and sizes else inferred
         if size is None:
             raise ValueError("give defaults.size and sizes (they can only be inferred from a local base)")

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,13 +28,10 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics
-from .auth import Authenticator
-from .config import Settings
-from .errors import ApiError, BodyTooLarge, error_response, install_error_handlers
-from .manifest import Manifest, ModelSpec, load_manifest
-from .queue import EventHub, Job, JobQueue, QueueFull, connect
-from .schemas import (
+from service.api.auth import Authenticator
+from service.api.errors import ApiError, BodyTooLarge, error_response, install_error_handlers
+from service.api.events import EventHub
+from service.api.schemas import (
     ErrorResponse,
     ImageData,
     ImageGenerationRequest,
@@ -45,7 +43,11 @@ from .schemas import (
     Progress,
     Timings,
 )
-from .validation import PromptTokenizer, fingerprint, validate_request
+from service.api.validation import PromptTokenizer, fingerprint, validate_request
+from service.contracts import metrics
+from service.contracts.config import Settings
+from service.contracts.manifest import Manifest, ModelSpec, load_manifest
+from service.contracts.queue import Job, JobQueue, QueueFull, connect
 
 log = logging.getLogger(__name__)
 STARTED = int(time.time())
@@ -62,8 +64,8 @@ class Service:
     specs: dict[str, ModelSpec]
     tokenizers: dict[str, PromptTokenizer]
     auth: Authenticator
-    queue: JobQueue | None = None
-    hub: EventHub | None = None
+    queue: JobQueue = field(init=False)  # set by connect(), before the first request
+    hub: EventHub = field(init=False)
     _clients: list[Any] = field(default_factory=list)
 
     def spec(self, name: str | None) -> ModelSpec:
@@ -321,7 +323,7 @@ async def job_events(job_id: str, request: Request, scope: str = Depends(caller)
     service = service_of(request)
     await _get_job(service, job_id, scope)  # 404 before the stream starts
 
-    async def stream():
+    async def stream() -> AsyncIterator[dict[str, Any]]:
         async with service.hub.subscribe(job_id) as events:
             job = await service.queue.get(job_id)
             if job is not None:
@@ -356,7 +358,7 @@ async def cancel_job(job_id: str, request: Request, scope: str = Depends(caller)
     if outcome not in ("cancelled_now", "cancelling"):
         raise ApiError(409, f"job {job_id} already {outcome}; only queued or running jobs can be cancelled",
                        param="job_id", code="job_finished")
-    job = await service.queue.get(job_id)
+    job = await _get_job(service, job_id, scope)  # 404, not a crash, if it expired in between
     status = 200 if outcome == "cancelled_now" else 202
     return JSONResponse(job_view(job, request).model_dump(mode="json"), status_code=status)
 
@@ -446,7 +448,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
                       tokenizers={name: PromptTokenizer(spec) for name, spec in specs.items()})
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.connect()
         log.info("API serving %s; queue %s (prefix %r); auth %s", ", ".join(specs), _redacted(settings.redis_url),
                  settings.key_prefix, "on" if service.auth.enabled else "off")

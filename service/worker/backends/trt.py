@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..artifacts import ArtifactCache, ArtifactKey, ShapeProfile
-from .base import UNetBackend
-from .compiled_unet import CompiledUNet
-from .onnx_export import OUTPUT, input_names
+from service.worker.artifacts import ArtifactCache, ArtifactKey, ShapeProfile, default_cache_dir
+from service.worker.backends.base import UNetBackend
+from service.worker.backends.engine_unet import EngineUNet
+from service.worker.backends.onnx_export import OUTPUT, ensure_onnx, input_names
 
 if TYPE_CHECKING:
-    from ..manifest import ModelSpec
+    from service.contracts.manifest import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,18 @@ def profile_shapes(profile: ShapeProfile) -> dict[str, tuple[Shape, Shape, Shape
     (h0, w0), (h1, w1) = profile.min_hw, profile.max_hw
     hopt, wopt = profile.latent_sizes[0]
     b0, bopt, b1 = profile.min_batch, profile.opt_batch, profile.max_batch
+
+    def per_batch(*rest: int) -> tuple[Shape, Shape, Shape]:
+        return (b0, *rest), (bopt, *rest), (b1, *rest)
+
     shapes: dict[str, tuple[Shape, Shape, Shape]] = {
         "sample": ((b0, 4, h0, w0), (bopt, 4, hopt, wopt), (b1, 4, h1, w1)),
-        "timestep": ((b0,), (bopt,), (b1,)),
-        "encoder_hidden_states": tuple((b, profile.text_len, profile.text_dim) for b in (b0, bopt, b1)),
+        "timestep": per_batch(),
+        "encoder_hidden_states": per_batch(profile.text_len, profile.text_dim),
     }
     if profile.sdxl:
-        shapes["text_embeds"] = tuple((b, profile.pooled_dim) for b in (b0, bopt, b1))
-        shapes["time_ids"] = tuple((b, profile.time_ids) for b in (b0, bopt, b1))
+        shapes["text_embeds"] = per_batch(profile.pooled_dim)
+        shapes["time_ids"] = per_batch(profile.time_ids)
     return shapes
 
 
@@ -92,7 +96,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: ShapeProfile, fp16
     return engine_path
 
 
-class TrtUNet(CompiledUNet):
+class TrtUNet(EngineUNet):
     """Runs the engine on torch's current CUDA stream with torch-owned buffers."""
 
     def __init__(self, engine_path: Path, unet: torch.nn.Module, profile: ShapeProfile, device: torch.device,
@@ -113,7 +117,7 @@ class TrtUNet(CompiledUNet):
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple, tuple[Any, Any, dict[str, torch.Tensor], torch.Tensor]] = {}
 
-    def _bind(self, context, feeds: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+    def _bind(self, context: Any, feeds: dict[str, torch.Tensor], out: torch.Tensor) -> None:
         for name, tensor in feeds.items():
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
@@ -136,7 +140,7 @@ class TrtUNet(CompiledUNet):
         graph.replay()
         return static_out.clone()
 
-    def _capture(self, feeds: dict[str, torch.Tensor]):
+    def _capture(self, feeds: dict[str, torch.Tensor]) -> tuple[Any, Any, dict[str, torch.Tensor], torch.Tensor]:
         """One context and one CUDA graph per static shape: replay skips TensorRT's per-call launch overhead."""
         context = self.engine.create_execution_context()
         static_in = {k: v.clone() for k, v in feeds.items()}
@@ -162,16 +166,12 @@ class TensorRTBackend(UNetBackend):
                                "'spo-diffusion[tensorrt]' on a machine with an NVIDIA GPU)")
         if not torch.cuda.is_available():
             raise RuntimeError("the tensorrt backend needs a CUDA GPU; none is visible")
-        from .ort import default_cache_dir
-
         self.cache = ArtifactCache(cache_dir or default_cache_dir())
         self.profile: ShapeProfile | None = None
 
     def ensure_engine(self, pipe: Any, spec: ModelSpec) -> tuple[Path, ShapeProfile, bool]:
         """The cached engine for this pipeline's fused UNet, GPU, TensorRT version and profile; built on a miss."""
         import tensorrt as trt
-
-        from .ort import ensure_onnx
 
         device = torch.device(spec.device)
         if device.type != "cuda":

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..manifest import ModelSpec
+    from service.contracts.manifest import ModelSpec
 
 
 class UNetBackend(ABC):

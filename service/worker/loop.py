@@ -5,13 +5,18 @@ One worker owns one model on one device (the runner). Each turn of the loop:
    priority first, blocking briefly when there is nothing to do;
 2. under load (the last batch had company), wait at most `max_wait_ms` for more compatible jobs while the next batch
    is not full; a lone request on an idle worker runs at once;
-3. start the batch's jobs (skipping cancelled ones, failing ones out of attempts), run one pipeline call in a thread
-   with one generator per image, publishing progress and honouring cancellation at every denoising step, while a
-   background task keeps the batch's entries claimed;
+3. start the batch's jobs (skipping cancelled ones, failing ones out of attempts), run one pipeline call with one
+   generator per image, publishing progress and honouring cancellation at every denoising step, while a background
+   task keeps the batch's entries claimed;
 4. store images + status, then acknowledge. A crash before step 4 leaves entries pending for another worker.
 
 SIGTERM/SIGINT drains: stop reading, finish the claimed jobs, acknowledge, exit. Heartbeats go to Redis every
 `heartbeat_interval_s` (readiness and the heartbeat-age metric read them).
+
+In `spo worker` the pipeline runs on the process's main thread and this loop on a thread beside it
+(`MainThreadCalls`): on the CPU, torch's OpenMP thread team runs a small UNet's many short parallel regions about
+2.7x slower when called from any other thread (benchmarks/results/serve-cpu-2026-12-03). CUDA launches are
+unaffected by the choice.
 """
 
 from __future__ import annotations
@@ -22,23 +27,26 @@ import contextlib
 import io
 import logging
 import os
+import queue as stdlib_queue
 import resource
 import secrets
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from redis.exceptions import RedisError
 
-from . import metrics
-from .batcher import can_grow, images, next_batch
-from .config import Settings
-from .pipeline import ImageRequest
-from .queue import Claim, JobQueue
+from service.contracts import metrics
+from service.contracts.config import Settings
+from service.contracts.queue import Claim, JobQueue
+from service.worker.batcher import can_grow, images, next_batch
+from service.worker.runner import ImageRequest, Runner
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +73,55 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-class Worker:
-    """Serves one model from the queue. `runner` is a loaded `ModelRunner` (or anything with `spec`, `backend` and
-    `run(requests, width=, height=, steps=, guidance=, on_step=)`)."""
+# How the loop hands a blocking call (the pipeline) to another thread and awaits it.
+Offload = Callable[..., Awaitable[Any]]
 
-    def __init__(self, queue: JobQueue, runner: Any, settings: Settings, *, consumer: str | None = None) -> None:
+
+class MainThreadCalls:
+    """Runs the calls the worker loop submits on the thread that calls `serve` (the process's main thread).
+
+    The loop awaits each call without blocking; `serve` returns once `done` is set and no call is pending.
+    """
+
+    def __init__(self) -> None:
+        self._calls: stdlib_queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = \
+            stdlib_queue.SimpleQueue()
+
+    async def offload(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((lambda: fn(*args, **kwargs), future))
+        return await asyncio.wrap_future(future)
+
+    def serve(self, done: threading.Event) -> None:
+        while not done.is_set() or not self._calls.empty():
+            try:
+                call, future = self._calls.get(timeout=0.1)  # wakes for signals and for `done`
+            except stdlib_queue.Empty:
+                continue
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as err:  # the awaiting coroutine re-raises it
+                future.set_exception(err)
+
+
+class Worker:
+    """Serves one model from the queue through a loaded runner (`ModelRunner`, or a test's stand-in)."""
+
+    def __init__(self, queue: JobQueue, runner: Runner, settings: Settings, *, consumer: str | None = None,
+                 offload: Offload | None = None) -> None:
         self.queue = queue
         self.runner = runner
         self.settings = settings
         self.model = runner.spec.name
         self.consumer = consumer or consumer_name()
-        cap = getattr(runner, "max_images", None)  # a compiled backend's profile may hold fewer images
+        self.offload: Offload = offload or asyncio.to_thread  # where the pipeline call runs (MainThreadCalls)
+        cap = runner.max_images  # a compiled backend's profile may hold fewer images
         self.max_batch = min(settings.max_batch, cap) if cap else settings.max_batch
         self.backlog: list[Claim] = []
         self._stopping = asyncio.Event()
+        self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_reclaim = -float("inf")
         self._state = "starting"
@@ -88,7 +131,8 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """Begin a graceful drain; safe to call from any thread or a signal handler."""
+        """Begin a graceful drain; safe to call from any thread or a signal handler, before or during `run`."""
+        self._stop_requested = True
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stopping.set)
 
@@ -98,6 +142,8 @@ class Worker:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._stop_requested:
+            self._stopping.set()
         await self._retry_redis(lambda: self.queue.ensure_groups(self.model))
         heartbeat = asyncio.create_task(self._heartbeats(), name="spo-heartbeat")
         log.info("worker %s serving %s (max_batch=%d, max_wait_ms=%d, visibility=%.1fs)", self.consumer, self.model,
@@ -132,7 +178,7 @@ class Worker:
                 await self.queue.forget_worker(self.model, self.consumer)
             log.info("worker %s stopped after %d batches", self.consumer, self.batches_run)
 
-    async def _retry_redis(self, op) -> Any:
+    async def _retry_redis(self, op: Callable[[], Awaitable[Any]]) -> Any:
         backoff = 0.2
         while True:
             try:
@@ -145,7 +191,7 @@ class Worker:
                 backoff = min(backoff * 2, 2.0)
 
     async def _heartbeats(self) -> None:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "device": getattr(self.runner, "device", "?"),
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "device": self.runner.device,
                 "backend": self.runner.spec.backend, "started": time.time()}
         while True:
             try:
@@ -243,7 +289,7 @@ class Worker:
 
         in_flight: list[concurrent.futures.Future] = []
 
-        def on_step(step: int, total: int, seconds: float) -> None:  # runs in the inference thread
+        def on_step(step: int, total: int, seconds: float) -> None:  # runs on the inference thread
             """Report progress without waiting for Redis (denoising never stalls on it; while a report is in
             flight later steps are coalesced, the last one is always sent). A cancellation seen by the report of
             step k stops the batch here at step k+1 at the latest."""
@@ -260,8 +306,8 @@ class Worker:
         keeper = asyncio.create_task(self._keep_claimed(started))
         t0 = time.perf_counter()
         try:
-            arrays = await asyncio.to_thread(self.runner.run, requests, width=first.width, height=first.height,
-                                             steps=first.steps, guidance=first.guidance, on_step=on_step)
+            arrays = await self.offload(self.runner.run, requests, width=first.width, height=first.height,
+                                        steps=first.steps, guidance=first.guidance, on_step=on_step)
         except BatchCancelled:
             log.info("batch of %d job(s) aborted: all cancelled", len(started))
             for claim in started:
@@ -321,7 +367,7 @@ class Worker:
                 backoff = min(backoff * 2, 2.0)
 
     def _record_memory(self) -> None:
-        device = str(getattr(self.runner, "device", "cpu"))
+        device = str(self.runner.device)
         if device.startswith("cuda"):
             import torch
 
@@ -334,9 +380,9 @@ class Worker:
 
 def run_worker(settings: Settings, model: str, *, metrics_port: int | None = None) -> int:
     """Entry point of `spo worker`: load the model, then serve until SIGTERM/SIGINT (graceful drain)."""
-    from .manifest import load_manifest
-    from .queue import connect
-    from .runner import ModelRunner
+    from service.contracts.manifest import load_manifest
+    from service.contracts.queue import connect
+    from service.worker.model_runner import ModelRunner
 
     if not settings.redis_url:
         raise SystemExit("spo worker needs SPO_REDIS_URL (or --redis-url); `spo serve` starts a Redis for you")
@@ -349,28 +395,46 @@ def run_worker(settings: Settings, model: str, *, metrics_port: int | None = Non
         start_http_server(metrics_port)
         log.info("worker metrics on :%d/metrics", metrics_port)
 
+    url = settings.redis_url
+    calls = MainThreadCalls()
+    state: dict[str, Any] = {"worker": None, "signals": 0, "error": None}
+    done = threading.Event()
+
     async def main() -> None:
-        redis = connect(settings.redis_url, socket_timeout=10.0)
+        redis = connect(url, socket_timeout=10.0)
         queue = JobQueue(redis, settings.key_prefix, job_ttl_s=settings.job_ttl_s,
                          max_length=settings.queue_max_length)
-        worker = Worker(queue, runner, settings)
-        loop = asyncio.get_running_loop()
-        signals = {"count": 0}
-
-        def on_signal(signum: int) -> None:
-            signals["count"] += 1
-            if signals["count"] > 1:
-                log.warning("second %s: exiting without draining", signal.Signals(signum).name)
-                os._exit(1)
-            log.info("%s: draining (finishing claimed jobs, then exiting)", signal.Signals(signum).name)
+        worker = state["worker"] = Worker(queue, runner, settings, offload=calls.offload)
+        if state["signals"]:  # a signal came before the worker existed
             worker.request_stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
         try:
             await worker.run()
         finally:
             await redis.aclose()
 
-    asyncio.run(main())
+    def loop_thread() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as err:  # re-raised on the main thread below
+            state["error"] = err
+        finally:
+            done.set()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        state["signals"] += 1
+        if state["signals"] > 1:
+            log.warning("second %s: exiting without draining", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: draining (finishing claimed jobs, then exiting)", signal.Signals(signum).name)
+        if state["worker"] is not None:
+            state["worker"].request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    thread = threading.Thread(target=loop_thread, name="spo-worker-loop")
+    thread.start()
+    calls.serve(done)  # the pipeline runs here, on the main thread
+    thread.join()
+    if state["error"] is not None:
+        raise state["error"]
     return 0
