@@ -1,13 +1,14 @@
 """Where in sampling does a candidate's choice matter, and does a final-image judge see it? One run, side by side.
 
-    python benchmarks/step_signal.py [--model models/spo-tiny] [--prompts 32] [--continuations 3] [--json FILE]
+    python benchmarks/step_signal.py [--model models/spo-tiny] [--prompts 32] [--continuations 3] [--part framing]
+                                     [--json FILE]
 
 For each branch step s of a 20-step eta = 1 DDIM trajectory (CFG 5), K = 4 candidates x_{s+1} are drawn from the same
 parent (as SPO's step-wise resampler does). Two things are measured per candidate:
   * what a step-unaware scorer sees: the rater on the decoded DDIM x0 prediction at the next step (docs/spo.md
     §2.3), and
-  * what the choice is worth: the rater's visual-quality part of the final image, averaged over `--continuations`
-    independent continuations of that candidate.
+  * what the choice is worth: one rater part of the final image (`--part`: the visual-quality part by default, or
+    framing, alignment, the total), averaged over `--continuations` independent continuations of that candidate.
 It prints, per step, the within-group rank correlation of the two, how often the scorer's best candidate ends better
 than its worst, and how much of the final quality's variance lies between candidates (what a choice at this step can
 change) versus within a candidate (what later steps decide). A step-aware preference model has to learn the second
@@ -35,7 +36,7 @@ from service.worker.pipeline import load_pipeline  # noqa: E402
 from training.conditioning import cfg_eps, encode_prompts  # noqa: E402
 from training.evaluate import eval_items  # noqa: E402
 from training.latents import decode_to_uint8  # noqa: E402
-from training.rater import rate  # noqa: E402
+from training.rater import RATER_VERSION, rate  # noqa: E402
 from training.spo import ddim_step, predicted_x0  # noqa: E402
 
 K = 4
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--continuations", type=int, default=3)
     parser.add_argument("--branch-steps", default="2,4,6,8,10,12,14,16,18")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--part", choices=["quality", "framing", "alignment", "total"], default="quality",
+                        help="the rater part (v2) a candidate's final image is worth, and the x0 view is scored by")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -65,16 +68,16 @@ def main() -> None:
     def eps(x: torch.Tensor, step: int, rows: torch.Tensor) -> torch.Tensor:
         return cfg_eps(pipe.unet, x, ts[step].expand(len(x)), batch, rows, GUIDANCE)
 
-    def quality_and_total(latents: torch.Tensor, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def part_and_total(latents: torch.Tensor, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         images = decode_to_uint8(pipe.vae, latents)
         ratings = [rate(image, prompts[j]) for image, j in zip(images, rows.tolist(), strict=True)]
-        return np.array([r.quality for r in ratings]), np.array([r.total for r in ratings])
+        return np.array([getattr(r, args.part) for r in ratings]), np.array([r.total for r in ratings])
 
     start = time.perf_counter()
     rows_out = []
     print(f"{args.model}: {n} prompts, K = {K} candidates, {m} continuations each, DDIM {STEPS} eta 1, CFG {GUIDANCE}")
     print(f"{'step':>4} | {'t':>3} | {'rank corr (x0 view, final)':>26} | {'P(best ends better)':>19} | "
-          f"{'final-quality var between':>25} | {'within':>8}")
+          f"{'final ' + args.part + ' var between':>25} | {'within':>8}")
     with torch.no_grad():
         rows = torch.arange(n)
         x = torch.randn(n, 4, *(pipe.unet.config.sample_size,) * 2, generator=g)
@@ -87,11 +90,11 @@ def main() -> None:
             cand = torch.cat([ddim_step(scheduler, e, ts[s], parents[s], 1.0, generator=g) for _ in range(K)])
             crows = rows.repeat(K)
             view = predicted_x0(scheduler, eps(cand, s + 1, crows), ts[s + 1], cand) if s + 1 < STEPS else cand
-            _, view_total = quality_and_total(view, crows)
+            view_total = part_and_total(view, crows)[1]  # a step-unaware scorer: the rater's total on the preview
             y, yrows = cand.repeat(m, 1, 1, 1), crows.repeat(m)
             for j in range(s + 1, STEPS):
                 y = ddim_step(scheduler, eps(y, j, yrows), ts[j], y, 1.0, generator=g)
-            final_q = quality_and_total(y, yrows)[0].reshape(m, K, n)
+            final_q = part_and_total(y, yrows)[0].reshape(m, K, n)
             view_total = view_total.reshape(K, n)
             value = final_q.mean(0)  # (K, n): what each candidate is worth
             best, worst, cols = view_total.argmax(0), view_total.argmin(0), np.arange(n)
@@ -107,6 +110,7 @@ def main() -> None:
     print(f"{time.perf_counter() - start:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "prompts": n, "k": K, "continuations": m,
+                                               "part": args.part, "rater_version": RATER_VERSION,
                                                "rows": rows_out}, indent=2))
 
 

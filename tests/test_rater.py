@@ -125,3 +125,55 @@ def test_paired_gain_and_first_crossing_of_a_gain_curve():
     assert first_crossing(*curve, 0.5) == pytest.approx(50 / 7)
     assert settled_crossing(*curve, 0.5) == pytest.approx(35.0)
     assert settled_crossing([0, 10, 20], [0.0, 0.9, 0.3], 0.5) is None
+
+
+def _framed(shape: str, cx: float, cy: float, size: float) -> np.ndarray:
+    return render(Scene("red", shape, "blue", cx, cy, size))
+
+
+def test_framing_prefers_a_centred_shape_of_the_preferred_size():
+    from training.rater import PREFERRED_AREA
+
+    caption = "a red square on a blue background"
+    half = 64 * PREFERRED_AREA**0.5 / 2  # a square covering PREFERRED_AREA of the 64x64 frame
+    best = rate(_framed("square", 32, 32, half), caption)
+    assert best.size > 0.97 and best.placement > 0.97
+    off_centre = rate(_framed("square", 18, 20, half), caption)
+    small = rate(_framed("square", 32, 32, half * 0.6), caption)
+    large = rate(_framed("square", 32, 32, half * 1.6), caption)
+    assert off_centre.placement < 0.3 and off_centre.size > 0.95  # each part moves on its own
+    assert small.size < 0.5 and large.size < 0.5 and small.placement > 0.97 and large.placement > 0.97
+    for worse in (off_centre, small, large):
+        assert worse.total < best.total - 0.1
+        assert abs(worse.quality - best.quality) < 0.05 and worse.alignment == best.alignment
+
+
+def test_rater_v1_still_rates_as_before_and_ignores_framing():
+    caption = "a red circle on a blue background"
+    centred, corner = _framed("circle", 32, 32, 14), _framed("circle", 20, 20, 9)
+    for image in (centred, corner):
+        v1, v2 = rate(image, caption, version=1), rate(image, caption)
+        assert v1.version == 1 and v2.version == 2
+        assert v1.total == pytest.approx(0.5 * v1.alignment + 0.5 * v1.quality)
+        assert (v1.alignment, v1.quality) == (v2.alignment, v2.quality)
+    assert rate(corner, caption).total < rate(centred, caption).total  # v2 sees the framing ...
+    assert abs(rate(corner, caption, version=1).total - rate(centred, caption, version=1).total) < 0.05  # v1 not
+    with pytest.raises(ValueError, match="rater version"):
+        rate(centred, caption, version=3)
+
+
+def test_pairs_record_their_rater_version_and_a_folder_never_mixes_two(tmp_path):
+    import json
+
+    from training.preference_data import pairs_rater_version
+    from training.rater import RATER_VERSION
+    from training.render_pairs import write_render_pairs
+
+    summary = write_render_pairs(tmp_path / "pairs", 8, temperature=0.0, seed=0, split="train", tie_rate=0.0)
+    assert summary["rater_version"] == RATER_VERSION == pairs_rater_version(tmp_path / "pairs")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "info.json").write_text(json.dumps({"pairs": 8}))  # written before versions were recorded: v1
+    assert pairs_rater_version(old) == 1
+    with pytest.raises(ValueError, match="rater v1"):
+        write_render_pairs(old, 8, temperature=0.0, seed=0, split="train", tie_rate=0.0)

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .rater import rate
+from .rater import RATER_VERSION, rate
 from .shapes import HELD_OUT, TRAIN_COMBOS, caption_for
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def summarise(records: list[dict]) -> dict[str, dict[str, float]]:
         both = [r["background"] == 1.0 and r["colour"] == 1.0 for r in rs]
         out[split] = {"images": len(rs), "colours_right": float(np.mean(both))}
         for key in ("background", "colour", "shape", "all_right", "alignment", "uniformity", "crispness", "clean",
-                    "regularity", "quality", "total"):
+                    "regularity", "quality", "size", "placement", "framing", "total"):
             out[split][key] = float(np.mean([float(r[key]) for r in rs]))
     return out
 
@@ -104,7 +104,8 @@ def labelled_grid(images: list[np.ndarray], labels: list[str], cols: int = 8, sc
 
 def write_report(out: Path, title: str, summary: dict, records: list[dict], extra: dict | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"summary": summary, **(extra or {}), "images": records}, indent=1))
+    (out / "results.json").write_text(json.dumps({"summary": summary, "rater_version": RATER_VERSION, **(extra or {}),
+                                                  "images": records}, indent=1))
     cols = ["images", "background", "colour", "shape", "colours_right", "all_right", "uniformity", "crispness",
             "clean", "regularity", "quality"]
     lines = [f"# {title}", "", "| split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -191,9 +192,10 @@ def evaluate_models(models: dict[str, tuple[str, str | None]], out: Path, n_held
     comparisons = {}
     for name in names[1:]:
         comparisons[name] = {key: win_rate([r[key] for r in records[name]], [r[key] for r in records[baseline]])
-                             for key in ("quality", "alignment", "total")}
+                             for key in ("quality", "alignment", "framing", "total")}
     out.mkdir(parents=True, exist_ok=True)
-    result = {"models": {n: {"base": b, "lora": lo} for n, (b, lo) in models.items()}, "steps": steps,
+    result = {"rater_version": RATER_VERSION, "models": {n: {"base": b, "lora": lo} for n, (b, lo) in models.items()},
+              "steps": steps,
               "guidance": guidance, "summary": summary, f"vs_{baseline}": comparisons,
               "images": {n: records[n] for n in names}}
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .rater import rate
+from .rater import RATER_VERSION, rate
 from .shapes import ALL_COMBOS, HELD_OUT, TRAIN_COMBOS, caption_for
 
 if TYPE_CHECKING:
@@ -587,6 +587,15 @@ def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: floa
                                     guidance=list(guidance)))
 
 
+def pairs_rater_version(folder: Path | str) -> int | None:
+    """The rater version that labelled a folder of pairs (its info.json; folders from before versions were recorded
+    are v1), or None when nothing says (no info.json yet)."""
+    info = Path(folder) / "info.json"
+    if not info.is_file():
+        return None
+    return int(json.loads(info.read_text()).get("rater_version", 1))
+
+
 def write_shards(out: Path | str, plans: list[PairPlan], make: Callable[[list[PairPlan]], Iterator[GeneratedPair]],
                  *, model_name: str, temperature: float,
                  tie_rate: float, shard_size: int = 4096, row_group_size: int = 256, record: dict | None = None
@@ -598,6 +607,10 @@ def write_shards(out: Path | str, plans: list[PairPlan], make: Callable[[list[Pa
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = pairs_rater_version(out)
+    if earlier not in (None, RATER_VERSION):
+        raise ValueError(f"--out: {out} holds pairs labelled by rater v{earlier}; this rater is v{RATER_VERSION}, "
+                         f"and one folder must not mix them: write to another folder")
     n = len(plans)
     per_prompt = Counter(p.caption for p in plans)
     n_shards = (n + shard_size - 1) // shard_size
@@ -626,7 +639,8 @@ def write_shards(out: Path | str, plans: list[PairPlan], make: Callable[[list[Pa
     bar.close()
     seconds = time.time() - started
     summary = summarise_pairs(out)
-    summary.update(**(record or {}), temperature=temperature, tie_rate=tie_rate, generated_now=generated,
+    summary.update(**(record or {}), rater_version=RATER_VERSION, temperature=temperature, tie_rate=tie_rate,
+                   generated_now=generated,
                    seconds=round(seconds, 1), pairs_per_second=round(generated / seconds, 3) if generated else None)
     (out / "info.json").write_text(json.dumps(summary, indent=2) + "\n")
     _save_preview(out / "preview.png", out)

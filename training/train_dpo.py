@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .conditioning import condition
 from .evaluate import heldout_rating
 from .lora import add_lora, pipeline_kind, reference_model, register_lora_state_hooks, save_result, save_snapshot
-from .preference_data import PairStream, PreferenceData, PreferencePair
+from .preference_data import PairStream, PreferenceData, PreferencePair, pairs_rater_version
 from .presets import DPO_PRESETS, DPOPreset
 from .run import (
     CHECKPOINTS,
@@ -322,6 +322,7 @@ def train_dpo(preset: str, data: Path | str, base: Path | str, out: Path | str, 
             "steps": state["step"], "planned_steps": p.steps, "processes": acc.num_processes,
             "seconds": round(budget.counted, 1), "wall_seconds": round(budget.wall_seconds(), 1),
             "max_minutes": max_minutes, "stopped_by_time_budget": out_of_time, "data": str(data),
+            "rater_version": pairs_rater_version(data),
             "pairs_seen": state["step"] * p.batch_size, "ties_skipped": state["ties_skipped"],
             "data_stats": {"read": data_set.stats.read, "skipped": dict(data_set.stats.skipped)}},
             {"method": "diffusion-dpo", "preset": preset, "seed": seed, **asdict(p)})

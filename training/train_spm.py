@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .evaluate_spm import heldout_pairs, pairwise_correct, rater_on_previews, recorded_correct
-from .preference_data import CLEAR_GAP, PairStream, PreferenceData, PreferencePair, load_pairs
+from .preference_data import CLEAR_GAP, PairStream, PreferenceData, PreferencePair, load_pairs, pairs_rater_version
 from .presets import SPM_PRESETS, SPMPreset
 from .run import (
     CHECKPOINTS,
@@ -280,7 +280,8 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
             log(_eval_record(evaluation, done))
         if acc.is_main_process:
             finish(run, p, out, evaluation.by_step, {
-                "preset": preset, "seed": seed, "data": str(data), "diffusion_model": str(model),
+                "preset": preset, "seed": seed, "data": str(data), "rater_version": pairs_rater_version(data),
+                "diffusion_model": str(model),
                 "init": str(init) if init else None, "time_conditioning": time_conditioning,
                 "clean_images": clean_images, "step_pairs": data_set.carries_timesteps(),
                 "processes": acc.num_processes, "train_seconds": round(budget.wall_seconds(), 1),

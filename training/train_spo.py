@@ -30,6 +30,7 @@ from .conditioning import PromptBatch, cfg_eps, encode_prompts
 from .evaluate import heldout_rating
 from .lora import add_lora, reference_model, save_result, save_snapshot
 from .presets import SPO_PRESETS, SPOPreset
+from .rater import RATER_VERSION
 from .run import (
     CHECKPOINTS,
     TimeBudget,
@@ -313,7 +314,8 @@ def train_spo(preset: str, base: Path, out: Path, *, spm: Path | None = None, sc
 
     finish(run, p, out, base, full_unet, budget, {
         "batches": state["batch"], "planned_batches": plan.total, "processes": acc.num_processes},
-        {"method": "spo", "preset": preset, "seed": seed, "scorer": scorer, "spm": str(spm) if spm else None})
+        {"method": "spo", "preset": preset, "seed": seed, "scorer": scorer, "spm": str(spm) if spm else None,
+         "rater_version": RATER_VERSION})
     return out
 
 
