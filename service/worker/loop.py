@@ -130,11 +130,15 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    def request_stop(self) -> None:
-        """Begin a graceful drain; safe to call from any thread or a signal handler, before or during `run`."""
+    def request_stop(self, reason: str | None = None) -> None:
+        """Begin a graceful drain; safe to call from any thread or a signal handler, before or during `run`. The
+        `reason` is logged from the event loop (a signal handler must not take the logging lock itself)."""
         self._stop_requested = True
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stopping.set)
+            if reason:
+                self._loop.call_soon_threadsafe(log.info, "%s: draining (finishing claimed jobs, then exiting)",
+                                                reason)
 
     @property
     def stopping(self) -> bool:
@@ -420,14 +424,13 @@ def run_worker(settings: Settings, model: str, *, metrics_port: int | None = Non
         finally:
             done.set()
 
-    def on_signal(signum: int, _frame: Any) -> None:
+    def on_signal(signum: int, _frame: Any) -> None:  # runs on the main thread between two bytecodes: no logging
         state["signals"] += 1
         if state["signals"] > 1:
-            log.warning("second %s: exiting without draining", signal.Signals(signum).name)
+            os.write(2, f"second {signal.Signals(signum).name}: exiting without draining\n".encode())
             os._exit(1)
-        log.info("%s: draining (finishing claimed jobs, then exiting)", signal.Signals(signum).name)
         if state["worker"] is not None:
-            state["worker"].request_stop()
+            state["worker"].request_stop(signal.Signals(signum).name)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)

@@ -115,3 +115,37 @@ def job_worker(redis_url: str, prefix: str, job_id: str) -> str:
         return client.hget(f"{prefix}:job:{job_id}", "worker") or ""
     finally:
         client.close()
+
+
+def test_sigterm_mid_batch_finishes_the_batch_then_exits(redis_url, prefix, manifest_path, runner, tmp_path):
+    """The pipeline runs on the worker's main thread and the signal is handled there: a SIGTERM while a batch is
+    being denoised lets that batch finish and be stored, takes no new job, and exits 0."""
+    settings = make_settings(redis_url, prefix, manifest_path)
+    server = ApiServer(settings).start()
+    proc = start_worker(settings, tmp_path / "worker.log")
+    client = httpx.Client(base_url=server.url, timeout=30)
+    try:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").json().get("workers", {}).get("spo-tiny") != 1:
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "worker.log").read_text()
+            time.sleep(0.2)
+        body = {"prompt": PROMPT, "num_inference_steps": 60, "size": f"{SIZE}x{SIZE}"}
+        jobs = [client.post("/v1/jobs", json={**body, "seed": 300 + i}).json()["id"] for i in range(8)]
+        deadline = time.monotonic() + 60
+        running: list[str] = []
+        while not running:
+            assert time.monotonic() < deadline, "no job was seen running"
+            views = [client.get(f"/v1/jobs/{j}").json() for j in jobs]
+            running = [v["id"] for v in views if v["status"] == "running" and v["progress"]["step"] <= 30]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, (tmp_path / "worker.log").read_text()
+        after = {j: client.get(f"/v1/jobs/{j}").json()["status"] for j in jobs}
+        assert all(after[j] == "succeeded" for j in running), after  # the batch in flight was finished
+        assert "queued" in after.values(), after  # and nothing new was taken after the signal
+        assert "SIGTERM: draining" in (tmp_path / "worker.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        client.close()
+        server.stop()
