@@ -434,7 +434,9 @@ def run_worker(settings: Settings, model: str, *, metrics_port: int | None = Non
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    thread = threading.Thread(target=loop_thread, name="spo-worker-loop")
+    # A daemon: if the main thread ever leaves `serve` on an exception, the process exits instead of waiting for a
+    # loop that awaits a call nobody runs (its claimed entries stay pending and are reclaimed elsewhere).
+    thread = threading.Thread(target=loop_thread, name="spo-worker-loop", daemon=True)
     thread.start()
     calls.serve(done)  # the pipeline runs here, on the main thread
     thread.join()
