@@ -46,8 +46,9 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     pictures = [Image.fromarray(image) for image in images]
     cols = min(len(pictures), 4)
-    picture = make_image_grid(pictures, rows=-(-len(pictures) // cols), cols=cols) if len(pictures) > 1 \
-        else pictures[0]
+    rows = -(-len(pictures) // cols)
+    blank = Image.new("RGB", pictures[0].size, "white")  # fills the last row: make_image_grid wants rows x cols
+    picture = make_image_grid(pictures + [blank] * (rows * cols - len(pictures)), rows=rows, cols=cols)
     picture.save(out)
     print(f"wrote {out} ({len(images)} image(s), {width}x{height}, seeds {args.seed}..{args.seed + args.n - 1})")
     return 0

@@ -20,6 +20,8 @@ def test_generate_same_seed_same_image_and_grid(tmp_path, smoke_model):
     assert main([*args, "--out", str(tmp_path / "b.png")]) == 0
     a, b = np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
     assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+    assert main([*args, "--n", "5", "--out", str(tmp_path / "five.png")]) == 0  # a last row with blanks
+    assert np.asarray(Image.open(tmp_path / "five.png")).shape == (2 * 64, 4 * 64, 3)
     assert main([*args, "--n", "4", "--out", str(tmp_path / "grid.png")]) == 0
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (64, 4 * 64, 3)  # diffusers' make_image_grid: one row of four, no padding

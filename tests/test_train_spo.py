@@ -167,3 +167,23 @@ def test_checkpoints_use_the_shared_step_layout(uninterrupted):
     state = json.loads((kept[0] / "trainer_state.json").read_text())
     assert state["batch"] == 4 and state["preset"] == "smoke" and (kept[0] / "last_pairs_0.pt").is_file()
     assert not (uninterrupted / "checkpoint").exists()
+
+
+def test_a_fresh_run_over_earlier_checkpoints_or_a_resume_with_another_seed_is_refused(uninterrupted, smoke_model,
+                                                                                      tmp_path, capsys):
+    """Checkpoints are pruned by step: a fresh run in the same folder would delete its own newer ones and a later
+    --resume would continue the earlier run. Resuming with another seed would change the prompt order and noise."""
+    import shutil
+
+    from service.cli import main
+
+    out = tmp_path / "again"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    with pytest.raises(FileExistsError, match="earlier run"):
+        train_spo("smoke", smoke_model, out, scorer="rater", max_batches=4)
+    with pytest.raises(SystemExit):
+        main(["train", "spo", "--preset", "smoke", "--model", str(smoke_model), "--scorer", "rater",
+              "--out", str(out)])
+    assert "argument --out" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="seed"):
+        train_spo("smoke", smoke_model, out, scorer="rater", max_batches=6, resume=True, seed=7)

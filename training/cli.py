@@ -115,6 +115,15 @@ def _cmd_data_renders(args: argparse.Namespace, parser: argparse.ArgumentParser)
     return 0
 
 
+def _check_fresh_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A run without --resume must not start over an earlier run's checkpoints (a later resume would mix them)."""
+    from .run import CHECKPOINTS, checkpoints
+
+    if not args.resume and checkpoints(Path(args.out) / CHECKPOINTS):
+        parser.error(f"argument --out: {args.out!r} holds checkpoints of an earlier run; continue it with --resume "
+                     f"or choose another folder")
+
+
 def _check_data_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """The flags every preference trainer shares: --data (a folder of pairs), --model (a pipeline)."""
     if not Path(args.data).is_dir():
@@ -126,6 +135,7 @@ def _cmd_train_spm(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from .train_spm import train_spm
 
     _check_data_model(args, parser)
+    _check_fresh_out(args, parser)
     if args.init is not None and not (Path(args.init) / "config.json").is_file():
         parser.error(f"argument --init: no CLIP / PickScore checkpoint folder at {args.init!r} (config.json missing)")
     if args.eval_data is not None and not Path(args.eval_data).is_dir():
@@ -169,6 +179,7 @@ def _cmd_train_spo(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from .train_spo import train_spo
 
     _check_pipeline(args.model, "--model", parser)
+    _check_fresh_out(args, parser)
     if args.scorer == "spm" and (args.spm is None or not Path(args.spm).is_dir()):
         parser.error("argument --spm: a step-aware preference model folder is required with --scorer spm")
     out = train_spo(args.preset, Path(args.model), Path(args.out), spm=Path(args.spm) if args.spm else None,
@@ -180,13 +191,10 @@ def _cmd_train_spo(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _cmd_train_dpo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .run import checkpoints
     from .train_dpo import train_dpo
 
     _check_data_model(args, parser)
-    if not args.resume and checkpoints(Path(args.out) / "checkpoints"):
-        parser.error(f"argument --out: {args.out!r} holds checkpoints of an earlier run; continue it with --resume "
-                     f"or choose another folder")
+    _check_fresh_out(args, parser)
     batch = args.batch_size or DPO_PRESETS[args.preset].batch_size
     if args.micro_batch is not None and args.micro_batch > batch:
         parser.error(f"argument --micro-batch: {args.micro_batch} is larger than the batch size {batch}")

@@ -40,6 +40,7 @@ from .run import (
     lr_factor,
     make_accelerator,
     process_share,
+    refuse_foreign_checkpoints,
     resume_state,
     save_checkpoint,
     set_lr,
@@ -231,6 +232,7 @@ def train_spm(data: Path | str, model: Path | str, out: Path | str, preset: str 
         print(f"{len(data_set)} pairs in {data}, {len(prompt_counts)} prompts; {acc.num_processes} process(es), "
               f"global batch {p.batch_size}, micro-batch {p.micro_batch}", file=sys.stderr)
     evaluation = SPMEvaluation(run, p, eval_data, data_set.carries_timesteps(), seed)
+    refuse_foreign_checkpoints(ckpt_dir, resume)
     state = resume_state(acc, ckpt_dir, {"step": 0, "epoch": 0, "position": 0}, resume,
                          must_match={"seed": seed, "batch_size": p.batch_size})
     budget = TimeBudget(max_minutes)  # wall-clock, this run's, evaluation included

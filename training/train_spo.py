@@ -40,6 +40,7 @@ from .run import (
     make_accelerator,
     prompt_generators,
     prompt_order,
+    refuse_foreign_checkpoints,
     refuse_old_spo_layout,
     resume_state,
     save_checkpoint,
@@ -272,11 +273,13 @@ def train_spo(preset: str, base: Path, out: Path, *, spm: Path | None = None, sc
     p, out = replace(SPO_PRESETS[preset], **(overrides or {})), Path(out)
     ckpt_dir, log_path = out / CHECKPOINTS, out / "spo_log.jsonl"
     refuse_old_spo_layout(out, resume)
+    refuse_foreign_checkpoints(ckpt_dir, resume)  # pruning by step would delete the new run's checkpoints
     run = setup_models(p, base, seed, full_unet)
     acc, rank = run.accelerator, run.accelerator.process_index
     scorer_for = scorer_for_prompts(scorer, spm, run, p.guidance)
     plan = PromptPlan.make(prompts or [caption_for(*c) for c in TRAIN_COMBOS], p, acc.num_processes, max_batches)
-    state = resume_state(acc, ckpt_dir, {"batch": 0, "train_seconds": 0.0}, resume)
+    state = resume_state(acc, ckpt_dir, {"batch": 0, "train_seconds": 0.0}, resume,
+                         must_match={"seed": seed, "preset": preset})
     if state["batch"]:
         run.last_pairs = torch.load(checkpoints(ckpt_dir)[-1] / f"last_pairs_{rank}.pt", weights_only=False)
     if acc.is_main_process:

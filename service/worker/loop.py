@@ -134,7 +134,9 @@ class Worker:
         """Begin a graceful drain; safe to call from any thread or a signal handler, before or during `run`. The
         `reason` is logged from the event loop (a signal handler must not take the logging lock itself)."""
         self._stop_requested = True
-        if self._loop is not None and not self._loop.is_closed():
+        if self._loop is None:
+            return  # `run` sees _stop_requested when it starts
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the worker has already stopped
             self._loop.call_soon_threadsafe(self._stopping.set)
             if reason:
                 self._loop.call_soon_threadsafe(log.info, "%s: draining (finishing claimed jobs, then exiting)",

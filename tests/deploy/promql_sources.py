@@ -1,5 +1,5 @@
 """Every PromQL expression the deployment ships, read from the files themselves (never copied into a test), so a
-metric renamed in service/metrics.py, the dashboard or the rules makes the live test fail."""
+metric renamed in service/contracts/metrics.py, the dashboard or the rules makes the live test fail."""
 
 from __future__ import annotations
 

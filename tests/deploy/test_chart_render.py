@@ -185,7 +185,7 @@ def test_monitoring_objects(case):
 
 
 def test_autoscaling_targets_the_real_queue(case):
-    """KEDA's Redis triggers name the streams service/queue.py writes (one per priority)."""
+    """KEDA's Redis triggers name the streams service/contracts/queue.py writes (one per priority)."""
     values, docs = case
     keda = values["worker"]["autoscaling"]["keda"]
     scaled = of_kind(docs, "ScaledObject")
