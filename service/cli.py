@@ -20,7 +20,14 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silence optional-dependency notices on import
 
-from service.cli_args import HelpFormatter, image_size, port, positive_int, settings_or_error  # noqa: E402
+from service.cli_args import (  # noqa: E402
+    HelpFormatter,
+    image_size,
+    port,
+    positive_int,
+    run_command,
+    settings_or_error,
+)
 
 
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -255,14 +262,7 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from service.contracts.config import configure_logging
-
-    configure_logging(settings_or_error(parser).log_level)
-    # Subcommand errors should name the subcommand's own flags.
-    sub_parser = getattr(args, "_parser", parser)
-    return int(args.func(args, sub_parser) or 0)
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

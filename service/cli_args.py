@@ -82,6 +82,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse `argv`, set up logging from the settings, run the chosen subcommand: every `spo` entry point's body.
+    Subcommand errors name the subcommand's own flags (its parser is passed along)."""
+    from service.contracts.config import configure_logging
+
+    args = parser.parse_args(argv)
+    configure_logging(settings_or_error(parser).log_level)
+    return int(args.func(args, getattr(args, "_parser", parser)) or 0)
+
+
 def settings_or_error(parser: argparse.ArgumentParser) -> Settings:
     """Settings from SPO_* env; a bad value is a usage error naming the variable."""
     from pydantic import ValidationError

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from service.cli_args import HelpFormatter, float_list, int_list, positive_float, positive_int, settings_or_error
+from service.cli_args import HelpFormatter, float_list, int_list, positive_float, positive_int, run_command
 
 from .presets import BASE_PRESETS, DPO_PRESETS, SPM_PRESETS, SPO_PRESETS
 
@@ -404,14 +404,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one training-side command, e.g. `main(["train", "spo", "--preset", "tiny"])`."""
-    from service.contracts.config import configure_logging
-
     parser = argparse.ArgumentParser(prog="spo", description="training commands of spo")
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(settings_or_error(parser).log_level)
-    return int(args.func(args, args._parser) or 0)
-
+    return run_command(parser, sys.argv[1:] if argv is None else argv)
 
 if __name__ == "__main__":
     sys.exit(main())

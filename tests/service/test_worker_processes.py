@@ -32,17 +32,21 @@ def start_worker(settings, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
 
 
+def wait_for_workers(client: httpx.Client, procs: list[subprocess.Popen], log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while client.get("/readyz").json().get("workers", {}).get("spo-tiny") != len(procs):
+        assert time.monotonic() < deadline, "workers did not start: " + log.read_text()
+        assert all(p.poll() is None for p in procs), log.read_text()
+        time.sleep(0.2)
+
+
 def test_sigkill_mid_batch_loses_nothing(redis_url, prefix, manifest_path, runner, tmp_path):
     settings = make_settings(redis_url, prefix, manifest_path)
     server = ApiServer(settings).start()
     procs = [start_worker(settings, tmp_path / f"worker{i}.log") for i in range(2)]
     client = httpx.Client(base_url=server.url, timeout=30)
     try:
-        deadline = time.monotonic() + 120
-        while client.get("/readyz").json().get("workers", {}).get("spo-tiny") != 2:
-            assert time.monotonic() < deadline, "workers did not start: " + (tmp_path / "worker0.log").read_text()
-            assert all(p.poll() is None for p in procs)
-            time.sleep(0.2)
+        wait_for_workers(client, procs, tmp_path / "worker0.log")
 
         body = {"prompt": PROMPT, "num_inference_steps": STEPS, "size": f"{SIZE}x{SIZE}"}
         jobs = [client.post("/v1/jobs", json={**body, "seed": 100 + i}).json()["id"] for i in range(8)]
@@ -125,10 +129,7 @@ def test_sigterm_mid_batch_finishes_the_batch_then_exits(redis_url, prefix, mani
     proc = start_worker(settings, tmp_path / "worker.log")
     client = httpx.Client(base_url=server.url, timeout=30)
     try:
-        deadline = time.monotonic() + 120
-        while client.get("/readyz").json().get("workers", {}).get("spo-tiny") != 1:
-            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "worker.log").read_text()
-            time.sleep(0.2)
+        wait_for_workers(client, [proc], tmp_path / "worker.log")
         body = {"prompt": PROMPT, "num_inference_steps": 60, "size": f"{SIZE}x{SIZE}"}
         jobs = [client.post("/v1/jobs", json={**body, "seed": 300 + i}).json()["id"] for i in range(8)]
         deadline = time.monotonic() + 60
