@@ -59,6 +59,12 @@ def test_train_base_rejects_unknown_preset(capsys, tmp_path):
     assert code == 2 and "argument --preset" in err
 
 
+@pytest.mark.parametrize("flag, value", [("--num-candidates", "1"), ("--continue-from", "loser")])
+def test_train_spo_ablation_flags_refuse_bad_values(flag, value, capsys, tmp_path):
+    code, err = _run(["train", "spo", "--scorer", "rater", flag, value, "--out", str(tmp_path)], capsys)
+    assert code == 2 and f"argument {flag}" in err
+
+
 def _subcommand_parsers(parser, path=()):
     """(command path, parser) for every leaf command of `spo`."""
     import argparse

@@ -1,5 +1,6 @@
 """The multi-sample DDIM loop with the step-wise resampler, driven by toy noise predictors and scorers."""
 
+import pytest
 import torch
 from diffusers import DDIMScheduler
 
@@ -63,6 +64,21 @@ def test_resampler_continues_from_a_random_candidate_not_the_winner():
         nxt = slice((s + 1) * b, (s + 2) * b)
         expect = torch.where((chosen[s] == best[s]).reshape(-1, 1, 1, 1), p.x_prev_win[rows], p.x_prev_lose[rows])
         assert torch.equal(p.x_t_win[nxt], expect)
+
+
+def test_continue_from_winner_follows_the_best_candidate():
+    res = _run(num_candidates=4, num_steps=20, divert_start_step=2, continue_from="winner")
+    p = res.pairs
+    chosen, best = torch.stack(res.chosen), torch.stack(res.best)
+    assert torch.equal(chosen, best)
+    b = 3
+    for s in range(chosen.shape[0] - 1):  # each next parent is the previous segment's winner
+        assert torch.equal(p.x_t_win[(s + 1) * b:(s + 2) * b], p.x_prev_win[s * b:(s + 1) * b])
+
+
+def test_continue_from_must_be_named():
+    with pytest.raises(ValueError, match="continue_from"):
+        _run(continue_from="loser")
 
 
 def test_threshold_drops_unclear_comparisons():

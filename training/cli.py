@@ -185,7 +185,8 @@ def _cmd_train_spo(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     out = train_spo(args.preset, Path(args.model), Path(args.out), spm=Path(args.spm) if args.spm else None,
                     scorer=args.scorer, seed=args.seed, full_unet=args.full_unet, resume=args.resume,
                     max_batches=args.max_batches, max_minutes=args.max_minutes, snapshot_every=args.snapshot_every or 0,
-                    overrides={"lr": args.lr} if args.lr is not None else None)
+                    overrides={k: v for k, v in (("lr", args.lr), ("num_candidates", args.num_candidates),
+                                                 ("continue_from", args.continue_from)) if v is not None})
     print(f"saved the SPO fine-tune and its manifest entry to {out}")
     return 0
 
@@ -332,6 +333,10 @@ def _add_train_spo_and_dpo(train: argparse._SubParsersAction) -> None:
     _budget_flags(p, "LoRA")
     p.add_argument("--max-batches", type=positive_int, default=None, help="stop after N prompt batches")
     p.add_argument("--lr", type=positive_float, default=None, help="override the preset's learning rate")
+    p.add_argument("--num-candidates", type=int, choices=range(2, 17), default=None, metavar="K",
+                   help="override: candidates branched per step (2..16; the paper's K ablation)")
+    p.add_argument("--continue-from", choices=["random", "winner"], default=None,
+                   help="override: which candidate the step-wise resampler continues from (winner: ablation)")
     p.add_argument("--snapshot-every", type=positive_int, default=None, metavar="N",
                    help="keep the weights every N batches in OUT/snapshots/ (benchmarks/compute_to_gain.py)")
     p = _parser(train, "dpo", "Diffusion-DPO baseline: a LoRA trained on final-image pairs (also under "

@@ -114,6 +114,7 @@ class SPOPreset:
     guidance: float = 5.0
     eta: float = 1.0
     num_candidates: int = 4
+    continue_from: str = "random"  # the step-wise resampler's pick: "random" (the method) or "winner" (ablation)
     divert_start_step: int = 4
     inner_steps: int = 0
     threshold: float = 0.3

@@ -91,12 +91,17 @@ def spo_sample(
     threshold: float = 0.3,
     eta: float = 1.0,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    continue_from: str = "random",
 ) -> SampleResult:
     """Sample a batch of trajectories from `latents` (x_T, already scaled by the scheduler's init sigma).
 
     `generator` may be one generator per prompt: then every random draw of a prompt's trajectory comes from its own
-    generator, so results do not depend on how prompts are split across processes or batches.
+    generator, so results do not depend on how prompts are split across processes or batches. `continue_from`
+    "winner" follows the best-scored candidate instead of a random one (the paper's ablation; the random pick is still
+    drawn, so both settings see the same noise).
     """
+    if continue_from not in ("random", "winner"):
+        raise ValueError(f"continue_from must be 'random' or 'winner', got {continue_from!r}")
     if num_candidates < 2:
         raise ValueError("num_candidates must be >= 2 to form win/lose pairs")
     if not 0 <= divert_start_step < num_steps:
@@ -162,8 +167,11 @@ def spo_sample(
                     x_prev_win=view[s + 1][best[rows], rows], x_prev_lose=view[s + 1][worst[rows], rows],
                     prompt_index=rows.clone()))
 
-        # The step-wise resampler: continue from a uniformly random candidate, reusing its prediction.
+        # The step-wise resampler: continue from a uniformly random candidate (or the ablation's winner), reusing its
+        # prediction.
         pick = _randint(k, generator, prompts)
+        if continue_from == "winner":
+            pick = best
         chosen.append(pick)
         flat = pick * b + prompts
         x = states[-1][flat]

@@ -187,7 +187,8 @@ def sample_step_pairs(accelerator: Accelerator, pipe: Pipeline, unet: torch.nn.M
         result = spo_sample(pipe.scheduler, eps_fn, Scorer(timed_score, scorer.scores_latents),
                             latents * pipe.scheduler.init_noise_sigma, num_steps=p.num_steps,
                             num_candidates=p.num_candidates, divert_start_step=p.divert_start_step,
-                            inner_steps=p.inner_steps, threshold=p.threshold, eta=p.eta, generator=generators)
+                            inner_steps=p.inner_steps, threshold=p.threshold, eta=p.eta, generator=generators,
+                            continue_from=p.continue_from)
     return result, pb, {"scoring_s": spent[0], "sampling_s": time.perf_counter() - started - spent[0]}
 
 
