@@ -177,3 +177,18 @@ def test_pairs_record_their_rater_version_and_a_folder_never_mixes_two(tmp_path)
     assert pairs_rater_version(old) == 1
     with pytest.raises(ValueError, match="rater v1"):
         write_render_pairs(old, 8, temperature=0.0, seed=0, split="train", tie_rate=0.0)
+
+
+def test_a_folder_of_pair_folders_has_their_common_rater_version(tmp_path):
+    import json
+
+    from training.preference_data import pairs_rater_version
+
+    for name, info in (("a", {"rater_version": 2}), ("b", {"rater_version": 2})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "info.json").write_text(json.dumps(info))
+    (tmp_path / "c").mkdir()  # still being written: no info.json, says nothing
+    assert pairs_rater_version(tmp_path) == 2
+    (tmp_path / "c" / "info.json").write_text(json.dumps({"pairs": 8}))  # from before versions: v1
+    with pytest.raises(ValueError, match="mixes pairs labelled by different rater versions"):
+        pairs_rater_version(tmp_path)

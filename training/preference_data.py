@@ -589,11 +589,19 @@ def write_pairs(model: Path | str, out: Path | str, n: int, *, temperature: floa
 
 def pairs_rater_version(folder: Path | str) -> int | None:
     """The rater version that labelled a folder of pairs (its info.json; folders from before versions were recorded
-    are v1), or None when nothing says (no info.json yet)."""
-    info = Path(folder) / "info.json"
-    if not info.is_file():
-        return None
-    return int(json.loads(info.read_text()).get("rater_version", 1))
+    are v1), or None when nothing says (no info.json yet). A folder of pair folders (training reads them all) has
+    the one version its sub-folders agree on; mixed versions are refused, since they are different preferences."""
+    folder = Path(folder)
+    info = folder / "info.json"
+    if info.is_file():
+        return int(json.loads(info.read_text()).get("rater_version", 1))
+    versions = {sub: pairs_rater_version(sub) for sub in sorted(folder.iterdir()) if sub.is_dir()} \
+        if folder.is_dir() else {}
+    known = {v for v in versions.values() if v is not None}
+    if len(known) > 1:
+        listed = ", ".join(f"{sub.name}: v{v}" for sub, v in versions.items() if v is not None)
+        raise ValueError(f"{folder} mixes pairs labelled by different rater versions ({listed})")
+    return known.pop() if known else None
 
 
 def write_shards(out: Path | str, plans: list[PairPlan], make: Callable[[list[PairPlan]], Iterator[GeneratedPair]],
