@@ -81,6 +81,7 @@ def test_playground_end_to_end(spo_serve, page, tmp_path):
     doomed = submit(page, size="64x64", n=1, steps=12)
     assert "queued" in card(page, doomed).locator(".job-status").inner_text()
     page.wait_for_function("() => document.getElementById('live-text').textContent.includes('3 in queue')")
+    page.wait_for_function("p => p.value >= 5", arg=card(page, blocker).locator("progress").element_handle())
     screenshot(page, "running", shots)
 
     # Cancel the queued job from its card; the API agrees it never ran.
@@ -117,6 +118,8 @@ def test_playground_end_to_end(spo_serve, page, tmp_path):
     card(page, followed).get_by_role("button", name="Reuse seed").click()
     assert page.input_value("#seed") == str(view["seeds"][0]) and not page.is_checked("#seed-random")
     assert page.evaluate("document.activeElement.id") == "seed"
+    # Everything has finished or was cancelled: nothing counts against the queue any more.
+    page.wait_for_function("() => document.getElementById('live-text').textContent.includes('0 in queue')")
     screenshot(page, "done", shots)
 
     # A size the model does not serve: the API's 400 message appears next to the size field.
@@ -159,3 +162,25 @@ def test_playground_end_to_end(spo_serve, page, tmp_path):
     foreign = [u for u in page.requests if not u.startswith((url, "blob:" + url))]
     assert foreign == []
     assert len(page.requests) > 10  # requests were recorded, so the check above is not vacuous
+
+
+def test_keyboard_order_and_labels(spo_serve, page):
+    """Tab walks the form in reading order (a disabled seed is skipped), and every control has its label."""
+    page.goto(spo_serve)
+    page.wait_for_selector("body[data-ready=true]")
+    order = []
+    for _ in range(13):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id || document.activeElement.className"))
+    assert order == ["skip", "api-key", "model", "prompt", "negative_prompt", "n", "size", "steps", "guidance",
+                     "seed-random", "priority", "submit", "clear-history"]
+    for label, control in (("API key", "api-key"), ("Model", "model"), ("Prompt", "prompt"),
+                           ("Negative prompt", "negative_prompt"), ("Images", "n"), ("Size (W×H)", "size"),
+                           ("Steps", "steps"), ("Guidance", "guidance"), ("Seed", "seed"),
+                           ("Random seed", "seed-random"), ("Priority", "priority")):
+        assert page.get_by_label(label, exact=True).get_attribute("id") == control
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")  # back to the checkbox: unticking it enables the seed field, focused
+    page.keyboard.press("Space")
+    assert page.evaluate("document.activeElement.id") == "seed"

@@ -307,6 +307,8 @@ function applyView(entry, view) {
   } else if (view.status === "failed") {
     setStatus(entry, "failed");
     jobError(entry, view.error ? `${view.error.type}: ${view.error.message}` : "the job failed");
+  } else if (view.status === "cancelled" && view.started_at) {
+    setStatus(entry, "cancelled", `stopped at step ${view.progress.step}/${view.progress.total}`);
   } else {
     setStatus(entry, view.status);
   }
