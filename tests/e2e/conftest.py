@@ -22,10 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "service"))  # the service tests' harness (service_harness.py)
 
+from playground_harness import DESKTOP  # noqa: E402
 from service_harness import free_port  # noqa: E402
-
-DESKTOP = {"width": 1280, "height": 800}
-NARROW = {"width": 400, "height": 800}
 
 
 def chromium_path() -> str | None:
@@ -102,19 +100,3 @@ def spo_serve(tmp_path_factory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def screenshots_dir() -> Path | None:
-    """Where to write the README's screenshots (SPO_PLAYGROUND_SCREENSHOTS, e.g. docs/playground), or None."""
-    value = os.environ.get("SPO_PLAYGROUND_SCREENSHOTS")
-    return Path(value).resolve() if value else None
-
-
-def screenshot(page, name: str, out: Path) -> None:
-    """A full-page PNG at desktop and at 400 px width (`name-desktop.png`, `name-400px.png`) into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    for label, size in (("desktop", DESKTOP), ("400px", NARROW)):
-        page.set_viewport_size(size)
-        page.wait_for_timeout(100)  # one layout pass at the new width
-        page.screenshot(path=str(out / f"{name}-{label}.png"), full_page=True)
-    page.set_viewport_size(DESKTOP)

@@ -1,6 +1,6 @@
 """The playground shows every error the API returns, never failing silently: 401 (missing or wrong key) at the key
 field, 429 with its Retry-After, 413, and 503 while Redis is down. Real API processes (no worker needed: the jobs
-only have to be accepted, refused or queued)."""
+only have to be accepted, refused or queued); and a page with many waiting jobs still works."""
 
 from __future__ import annotations
 
@@ -107,6 +107,31 @@ def test_redis_down_is_a_503_banner(prefix, page):
         assert text.startswith("Submitting: Service unavailable: the job queue (Redis) is unavailable"), text
         assert 0 < retry_in(text) <= 5  # the API's Retry-After: 5, counted down
         assert page.locator(".job").count() == 0
+        assert page.problems == []
+    finally:
+        server.stop()
+
+
+def test_many_waiting_jobs_leave_connections_for_the_page(redis_url, prefix, page):
+    """Each followed job holds an event stream, and a browser opens at most six connections to one origin: with
+    eight jobs waiting the page still submits, and streams at most three of them (the others are polled)."""
+    server = ApiServer(settings_for(redis_url, prefix)).start()
+    try:
+        open_page(page, server.url)
+        page.fill("#prompt", PROMPT)
+        for count in range(1, 9):
+            page.get_by_role("button", name="Generate").click()
+            page.wait_for_function("n => document.querySelectorAll('.job[data-status=queued]').length === n",
+                                   arg=count, timeout=10_000)
+        for position in range(1, 9):  # newest first: the last one submitted is 8th in line
+            page.wait_for_function(
+                "p => [...document.querySelectorAll('.job-status')].some(e => e.textContent.includes(p))",
+                arg=f"position {position} in line", timeout=10_000)
+        streams = [u for u in page.requests if u.endswith("/events")]
+        assert 1 <= len(streams) <= 3, streams
+        page.reload()
+        page.wait_for_selector("body[data-ready=true]")
+        page.wait_for_function("() => document.querySelectorAll('.job[data-status=queued]').length === 8")
         assert page.problems == []
     finally:
         server.stop()

@@ -254,7 +254,7 @@ function setStatus(entry, status, detail = "") {
     entry.record.status = status;
     saveRecord(entry.record);
   }
-  if (status === "queued") watchPosition(entry);
+  if (status === "queued" && entry.streaming) watchPosition(entry);
   else stopWatchingPosition(entry);
 }
 
@@ -374,13 +374,73 @@ function reuseSeed(record, seed) {
 }
 
 // Follow one job to its end over the event stream; reconnects (after re-reading the job) if the stream drops.
+// A browser keeps at most six connections to one origin over HTTP/1.1, and each event stream holds one for as long
+// as its job lasts: at most MAX_STREAMS jobs are streamed at once, the others are polled until a stream is free.
+const MAX_STREAMS = 3;
+const POLL_MS = 2000;
+let streamsOpen = 0;
+const streamQueue = [];
+
+function takeStream() {
+  if (streamsOpen < MAX_STREAMS) {
+    streamsOpen += 1;
+    return Promise.resolve();
+  }
+  return new Promise((resolve) => streamQueue.push(resolve));
+}
+
+function giveBackStream() {
+  const next = streamQueue.shift();
+  if (next) next(); // the slot passes on as it is
+  else streamsOpen -= 1;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
 async function follow(entry) {
   if (entry.following) return;
   entry.following = true;
+  let granted = false;
+  let abandoned = false;
+  const grant = takeStream().then(() => {
+    granted = true;
+    if (abandoned) giveBackStream();
+  });
   try {
-    await followStream(entry);
+    while (!granted) {
+      await Promise.race([grant, sleep(POLL_MS)]);
+      if (granted) break;
+      if (await pollOnce(entry)) return;
+    }
+    entry.streaming = true;
+    if (entry.record.status === "queued") watchPosition(entry);
+    try {
+      await followStream(entry);
+    } finally {
+      entry.streaming = false;
+      stopWatchingPosition(entry);
+      giveBackStream();
+    }
   } finally {
+    abandoned = !granted;
     entry.following = false;
+  }
+}
+
+// One look at a job that waits for a stream; true once there is nothing more to follow.
+async function pollOnce(entry) {
+  if (entry.controller.signal.aborted) return true;
+  try {
+    const view = await (await api(`/v1/jobs/${entry.record.id}`)).json();
+    applyView(entry, view);
+    return FINISHED.has(view.status);
+  } catch (failure) {
+    if (failure.status === 404) {
+      expired(entry);
+      return true;
+    }
+    jobError(entry, `could not load this job: ${failure.message}`);
+    return failure.status === 401;
   }
 }
 
