@@ -137,15 +137,15 @@ def test_status_is_503_while_redis_is_down(prefix, monkeypatch):
 
 
 def test_the_static_files_ship_in_the_package(tmp_path):
-    """Build the wheel from what the API image copies (pyproject, README, service, training): the page's files are
-    in it, beside the module that serves them."""
+    """Build the wheel the way the API image does (pip, isolated build, from the pyproject, README, service and
+    training it copies): the page's files are in it, beside the module that serves them."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     for name in ("service", "training"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
