@@ -132,6 +132,13 @@ def test_many_waiting_jobs_leave_connections_for_the_page(redis_url, prefix, pag
         page.reload()
         page.wait_for_selector("body[data-ready=true]")
         page.wait_for_function("() => document.querySelectorAll('.job[data-status=queued]').length === 8")
+
+        page.get_by_role("button", name="Clear history").click()
+        assert page.locator(".job").count() == 0 and page.is_visible("#jobs-empty")
+        assert page.evaluate("localStorage.getItem('spo-playground:jobs')") is None
+        page.reload()
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.locator(".job").count() == 0
         assert page.problems == []
     finally:
         server.stop()

@@ -611,6 +611,7 @@ function clearHistory() {
     stopWatchingPosition(entry);
   }
   cards.clear();
+  for (const img of document.querySelectorAll("#job-list img")) URL.revokeObjectURL(img.src);
   localStorage.removeItem(HISTORY_KEY);
   $("job-list").replaceChildren();
   $("jobs-empty").hidden = false;
