@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.auth import Authenticator
 from service.api.errors import ApiError, BodyTooLarge, error_response, install_error_handlers
 from service.api.events import EventHub
+from service.api.playground import mount_playground
 from service.api.schemas import (
     ErrorResponse,
     ImageData,
@@ -464,6 +465,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
     install_error_handlers(app)
     app.include_router(v1)
     app.include_router(ops)
+    mount_playground(app)  # the web page at / (SPO_PLAYGROUND=false: off)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     return app
