@@ -24,6 +24,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -464,6 +465,8 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
     install_error_handlers(app)
     app.include_router(v1)
     app.include_router(ops)
+    metrics.initialise_api((r.path, method, r.status_code or 200) for r in (*v1.routes, *ops.routes)
+                           if isinstance(r, APIRoute) for method in sorted(r.methods))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     return app

@@ -76,3 +76,11 @@ def checkov() -> str:
             return str(candidate)
     missing(f"checkov is not installed here (.ci/run installs it into {CHECKOV_VENV}; or set SPO_CHECKOV)")
     raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Path:
+    """spo-tiny on the CPU with 4 steps (tests/deploy/processes.py)."""
+    from processes import write_manifest
+
+    return write_manifest(tmp_path / "models.yaml")
