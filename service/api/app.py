@@ -466,7 +466,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
     app.include_router(v1)
     app.include_router(ops)
     metrics.initialise_api((r.path, method, r.status_code or 200) for r in (*v1.routes, *ops.routes)
-                           if isinstance(r, APIRoute) for method in sorted(r.methods))
+                           if isinstance(r, APIRoute) for method in sorted(r.methods or ()))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     return app
