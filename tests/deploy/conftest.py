@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +79,19 @@ def manifest(tmp_path) -> Path:
     from processes import write_manifest
 
     return write_manifest(tmp_path / "models.yaml")
+
+
+_REPORT: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report() -> Callable[[str], None]:
+    """Lines for the "deployment checks" section pytest prints at the end (CI's log shows what each tool said)."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _REPORT:
+        terminalreporter.section("deployment checks")
+        for line in _REPORT:
+            terminalreporter.write_line(line)

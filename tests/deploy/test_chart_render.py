@@ -260,7 +260,7 @@ def test_options_render(helm):
 
 
 @pytest.mark.parametrize("source", ["redis", "prometheus"])
-def test_keda_scales_on_the_whole_queue(helm, source):
+def test_keda_scales_on_the_whole_queue(helm, source, report):
     """6 + 6 + 6 jobs queued on the three priority streams, 6 jobs per worker: KEDA must ask for 3 workers (the HPA
     behind it follows the largest of its metrics, so the streams must reach it as one sum)."""
     overrides = {"worker": {"autoscaling": {"keda": {"enabled": True, "source": source, "jobsPerWorker": 6,
@@ -279,7 +279,7 @@ def test_keda_scales_on_the_whole_queue(helm, source):
                 for obj in scaled.values() for t in obj["spec"]["triggers"]}
 
     replicas = desired_replicas(scaled["spo-sdxl"], load(queued))
-    print(f"KEDA ({source}): 6 + 6 + 6 queued jobs at 6 per worker -> {replicas} workers")
+    report(f"KEDA ({source}): 6 + 6 + 6 queued jobs at 6 per worker -> {replicas} workers")
     assert replicas == 3
     assert desired_replicas(scaled["spo-sdxl"], load({"high": 0, "normal": 0, "low": 0})) == 1, "minReplicaCount 1"
     assert desired_replicas(scaled["spo-sdxl"], load({"high": 100, "normal": 0, "low": 0})) == 8, "maxReplicaCount"

@@ -35,7 +35,7 @@ def shipped_selectors() -> list[tuple[str, str, list]]:
     return [(where, name, [x for x in m if x[0] not in TARGET_LABELS]) for where, name, m in out if name != "up"]
 
 
-def test_every_selected_series_exists_before_any_job(redis_url, prefix, manifest, tmp_path):
+def test_every_selected_series_exists_before_any_job(redis_url, prefix, manifest, tmp_path, report):
     port = free_port()
     env = service_env(SPO_REDIS_URL=redis_url, SPO_KEY_PREFIX=prefix, SPO_TORCH_THREADS="1", OMP_NUM_THREADS="1",
                       SPO_HEARTBEAT_INTERVAL_S="0.5", SPO_LOG_LEVEL="WARNING")
@@ -56,7 +56,7 @@ def test_every_selected_series_exists_before_any_job(redis_url, prefix, manifest
                       for where, name, m in wanted
                       if not any(n == name and matches(labels, m) for n, labels, _ in series)})
     distinct = {(name, tuple(m)) for _, name, m in wanted}
-    print(f"fresh spo serve: {len(distinct)} distinct selectors of the dashboard and rules, "
+    report(f"fresh spo serve: {len(distinct)} distinct selectors of the dashboard and rules, "
           f"{len(distinct) - len({m.split(': ', 1)[1] for m in missing})} with series, "
           f"{len(series)} samples exposed")
     assert not missing, "selected by the dashboard or the rules but absent before the first job:\n" + "\n".join(

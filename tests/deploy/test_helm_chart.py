@@ -24,10 +24,10 @@ def load_values(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("values_file", CASES, ids=case_id)
-def test_helm_lint_strict(values_file, helm: Helm):
+def test_helm_lint_strict(values_file, helm: Helm, report):
     """Lint with --strict (warnings fail too); the values are checked against values.schema.json on the way."""
     out = helm.lint(values_file)
-    print(f"{helm.version()}: helm lint --strict {case_id(values_file)}: {out.strip().splitlines()[-1]}")
+    report(f"{helm.version()}: helm lint --strict {case_id(values_file)}: {out.strip().splitlines()[-1]}")
     assert "0 chart(s) failed" in out and "[WARNING]" not in out, out
 
 

@@ -64,15 +64,18 @@ def validate_crd(doc: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module", params=[(c, o) for c in CASES for o in (False, True)],
                 ids=lambda p: f"{case_id(p[0])}{'+everything' if p[1] else ''}")
-def rendered(request, helm: Helm) -> list[dict[str, Any]]:
+def rendered(request, helm: Helm) -> tuple[str, list[dict[str, Any]]]:
+    """(which values, the objects helm rendered with them)."""
     values_file, everything = request.param
-    return helm.template(values_file, EVERYTHING if everything else None).docs
+    label = f"{case_id(values_file)}{' + every option' if everything else ''}"
+    return label, helm.template(values_file, EVERYTHING if everything else None).docs
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_core_objects_match_the_kubernetes_schemas(rendered, version):
+def test_core_objects_match_the_kubernetes_schemas(rendered, version, report):
+    label, docs = rendered
     core, errors = 0, []
-    for doc in rendered:
+    for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in crd_models():
             continue
         try:
@@ -82,16 +85,17 @@ def test_core_objects_match_the_kubernetes_schemas(rendered, version):
             errors.append(f"{doc['kind']} {doc['metadata']['name']}: {err.message} at {list(err.path)}")
         except kubernetes_validate.SchemaNotFoundError:
             errors.append(f"{doc['kind']} {doc['apiVersion']}: no schema in Kubernetes {version}")
-    print(f"kubernetes-validate --strict {version}: {core} objects ok")
+    report(f"kubernetes-validate --strict -k {version} [{label}]: {core} objects ok")
     assert not errors, "\n".join(errors)
     assert core >= 8
 
 
-def test_custom_resources_match_their_crds(rendered):
-    custom = [d for d in rendered if (d["apiVersion"], d["kind"]) in crd_models()]
+def test_custom_resources_match_their_crds(rendered, report):
+    label, docs = rendered
+    custom = [d for d in docs if (d["apiVersion"], d["kind"]) in crd_models()]
     for doc in custom:
         validate_crd(doc)
-    print(f"CRD models: {sorted({d['kind'] for d in custom})} ok ({len(custom)} objects)")
+    report(f"CRD models [{label}]: {len(custom)} objects ok {sorted({d['kind'] for d in custom})}")
 
 
 def test_production_renders_every_custom_resource(helm):
@@ -135,10 +139,10 @@ def compose(files: list[str], *args: str, **env: str) -> subprocess.CompletedPro
 
 @pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]],
                          ids=["cpu", "gpu"])
-def test_compose_config(files):
+def test_compose_config(files, report):
     ok = compose(files, "-q", GRAFANA_ADMIN_PASSWORD="s3cret")
     assert ok.returncode == 0, ok.stderr
-    print(f"docker compose {' + '.join(files)} config -q: ok")
+    report(f"docker compose {' + '.join(files)} config -q: ok")
     # Without the Grafana admin password compose refuses to start, naming the variable (no admin/admin default).
     refused = compose(files, "-q")
     assert refused.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in refused.stderr, refused
@@ -156,7 +160,7 @@ def test_compose_config(files):
     assert {p["host_ip"] for s in opened["services"].values() for p in s.get("ports", [])} == {"0.0.0.0"}
 
 
-def test_hadolint_dockerfile(hadolint):
+def test_hadolint_dockerfile(hadolint, report):
     """No finding; every rule ignored inline has the reason on the comment lines above it."""
     result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
                             timeout=60)
@@ -170,4 +174,4 @@ def test_hadolint_dockerfile(hadolint):
             above -= 1
         reason = " ".join(lines[above:i])
         assert all(rule in reason for rule in rules) and len(reason) > 40, f"line {i + 1}: ignore without a reason"
-    print(f"hadolint: no findings; {len(ignores)} inline ignores, each with its reason")
+    report(f"hadolint: no findings; {len(ignores)} inline ignores, each with its reason")
