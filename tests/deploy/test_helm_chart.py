@@ -200,3 +200,23 @@ def test_dashboard_structure():
             assert panel.get("description"), f"panel {panel['title']!r} needs a description"
     repeated = [p for p in panels(dashboard) if p.get("repeat")]
     assert [p["repeat"] for p in repeated] == ["model"], "one row repeated per model"
+
+
+def test_dashboard_keeps_releases_apart():
+    """Grafana dashboard-linter's template and target rules: `job` and `instance` variables (multi, from
+    $datasource, allValue .+), plus `namespace` (allValue .*: compose has none), and every selector of every target
+    filtered by all three, so two releases in one cluster never mix their numbers."""
+    from promql_sources import dashboard_queries, selectors
+
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    for name, all_value in (("job", ".+"), ("instance", ".+"), ("namespace", ".*")):
+        var = variables[name]
+        assert var["type"] == "query" and var["multi"] and var["includeAll"] and var["allValue"] == all_value, var
+        assert var["datasource"]["uid"] == "${datasource}" and var["query"]["query"].startswith("label_values("), var
+    unscoped = []
+    for where, expr in dashboard_queries(DASHBOARD):
+        for metric, matchers in selectors(expr):
+            have = {(label, op, value) for label, op, value in matchers}
+            if not {("namespace", "=~", "$namespace"), ("job", "=~", "$job"), ("instance", "=~", "$instance")} <= have:
+                unscoped.append(f"{where}: {metric}")
+    assert not unscoped, unscoped
