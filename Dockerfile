@@ -36,6 +36,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache/huggingface \
     SPO_MANIFEST=/app/models/models.yaml
 # tini as PID 1: forwards SIGTERM to spo (which drains) and reaps children.
+# Not version-pinned (hadolint DL3008): the base image's exact tag pins the distribution release, and the archive
+# drops a package's old version at its next security update, so a pinned version would break a rebuild.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/* \
@@ -63,6 +66,9 @@ CMD ["api", "--host", "0.0.0.0", "--port", "8000"]
 FROM ${CUDA_IMAGE} AS worker-build
 ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+# Not version-pinned (hadolint DL3008): the base image's exact tag pins the distribution release, and the archive
+# drops a package's old version at its next security update, so a pinned version would break a rebuild.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
     && rm -rf /var/lib/apt/lists/*
@@ -83,6 +89,9 @@ LABEL org.opencontainers.image.title="spo-diffusion-worker" \
       org.opencontainers.image.description="spo-diffusion GPU worker (diffusers + torch | onnxruntime | TensorRT)" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENV DEBIAN_FRONTEND=noninteractive
+# Not version-pinned (hadolint DL3008): the base image's exact tag pins the distribution release, and the archive
+# drops a package's old version at its next security update, so a pinned version would break a rebuild.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 tini \
     && rm -rf /var/lib/apt/lists/*

@@ -135,7 +135,8 @@ def _cmd_api(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from service.api.app import create_app
 
     app = create_app(settings.model_copy(update={"models": models}), manifest)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=logging.getLevelName(logging.getLogger().level).lower())
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None,  # its records go to our handler (one format)
+                log_level=logging.getLevelName(logging.getLogger().level).lower())
     return 0
 
 

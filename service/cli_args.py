@@ -88,7 +88,8 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     from service.contracts.config import configure_logging
 
     args = parser.parse_args(argv)
-    configure_logging(settings_or_error(parser).log_level)
+    settings = settings_or_error(parser)
+    configure_logging(settings.log_level, settings.log_format)
     return int(args.func(args, getattr(args, "_parser", parser)) or 0)
 
 

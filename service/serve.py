@@ -125,7 +125,8 @@ def serve(settings: Settings, models: list[str], *, host: str, port: int, worker
         app = create_app(settings.model_copy(update={"models": models}))
         threading.Thread(target=_watch, args=(procs, stopping), daemon=True).start()
         with contextlib.suppress(_Stop):  # uvicorn shut down gracefully, then re-raised the signal
-            uvicorn.run(app, host=host, port=port, log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
+            uvicorn.run(app, host=host, port=port, log_config=None,  # its records go to our handler (one format)
+                        log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
     except _Stop as sig:
         log.info("%s before the API started; stopping", sig)
     except RuntimeError as err:

@@ -24,6 +24,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -466,6 +467,8 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
     app.include_router(v1)
     app.include_router(ops)
     mount_playground(app)  # the web page at / (SPO_PLAYGROUND=false: off)
+    metrics.initialise_api((r.path, method, r.status_code or 200) for r in (*v1.routes, *ops.routes)
+                           if isinstance(r, APIRoute) for method in sorted(r.methods or ()))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     return app

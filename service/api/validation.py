@@ -1,14 +1,18 @@
 """Request validation against the served model: its manifest limits and its own CLIP tokenizer. No torch here.
 
 Runs in the API before anything is queued, so a bad field is a 400 naming it and never reaches a worker. Prompt
-length is counted in tokens with the model's tokenizer (transformers' tokenizers backend), because the text encoder's
-limit is in tokens, not characters.
+length is counted in tokens with the model's own CLIP tokenizer, because the text encoder's limit is in tokens, not
+characters. The API counts with the `tokenizers` library alone (what transformers' CLIP tokenizer runs underneath), so
+its image carries neither transformers nor torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
+from pathlib import Path
+from typing import Any
 
 from service.api.errors import ApiError
 from service.api.schemas import ImageGenerationRequest
@@ -16,25 +20,75 @@ from service.contracts.manifest import ModelSpec, parse_size
 from service.contracts.queue import JobParams
 
 
+def _tokenizer_file(source: str, subfolder: str | None, name: str) -> Path | None:
+    """A file of the tokenizer folder: local, or from the hub cache / hub (huggingface_hub comes with tokenizers)."""
+    if subfolder is None:
+        path = Path(source) / name
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source, name, subfolder=subfolder))
+    except EntryNotFoundError:
+        return None
+
+
+def _clip_bpe(vocab: Path, merges: Path, special: dict[str, Any]) -> Any:
+    """CLIP's BPE tokenizer from vocab.json + merges.txt (what SD repositories ship without tokenizer.json): NFC,
+    whitespace runs to one space, lower case; CLIP's word split, byte-level, `</w>` ending each word; start and end
+    tokens around the text."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    bos = str(special.get("bos_token", "<|startoftext|>"))
+    eos = str(special.get("eos_token", "<|endoftext|>"))
+    tokenizer = Tokenizer(BPE.from_file(str(vocab), str(merges), unk_token=str(special.get("unk_token", eos)),
+                                        continuing_subword_prefix="", end_of_word_suffix="</w>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                 normalizers.Lowercase()])
+    words = Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(words, behavior="removed", invert=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.add_special_tokens([bos, eos])
+    bos_id, eos_id = tokenizer.token_to_id(bos), tokenizer.token_to_id(eos)
+    if bos_id is None or eos_id is None:
+        raise ValueError(f"vocab.json lacks the start or end token ({bos!r}, {eos!r})")
+    tokenizer.post_processor = processors.RobertaProcessing((eos, eos_id), (bos, bos_id), trim_offsets=False,
+                                                            add_prefix_space=False)
+    return tokenizer
+
+
 class PromptTokenizer:
-    """Counts prompt tokens with the model's own CLIP tokenizer (tokenizers backend; no torch)."""
+    """Counts prompt tokens with the model's own CLIP tokenizer (the `tokenizers` library; no transformers, no torch):
+    its tokenizer.json when the folder has one, else CLIP's BPE from vocab.json + merges.txt."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        import transformers
-        from transformers import CLIPTokenizer
+        from tokenizers import Tokenizer
 
-        transformers.logging.set_verbosity_error()  # over-long prompts are our 400, not a library warning
         source, subfolder = spec.tokenizer_source()
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=subfolder)
-        except (OSError, ValueError) as err:
+            config_file = _tokenizer_file(source, subfolder, "tokenizer_config.json")
+            config = json.loads(config_file.read_text()) if config_file else {}
+            full = _tokenizer_file(source, subfolder, "tokenizer.json")
+            if full is not None:
+                self.tokenizer = Tokenizer.from_file(str(full))
+            else:
+                vocab = _tokenizer_file(source, subfolder, "vocab.json")
+                merges = _tokenizer_file(source, subfolder, "merges.txt")
+                if vocab is None or merges is None:
+                    raise OSError("no tokenizer.json, nor vocab.json and merges.txt")
+                self.tokenizer = _clip_bpe(vocab, merges, config)
+        except Exception as err:  # tokenizers raises plain Exception for a malformed file
             raise RuntimeError(f"model {spec.name!r}: cannot load its CLIP tokenizer from {source!r}"
                                f"{f' (subfolder {subfolder})' if subfolder else ''}: {err}") from err
-        self.max_tokens = int(self.tokenizer.model_max_length)
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.max_tokens = int(config.get("model_max_length", 77))
 
     def count(self, text: str) -> int:
         """Tokens including the start and end tokens, as the text encoder sees them."""
-        return len(self.tokenizer(text, truncation=False).input_ids)
+        return len(self.tokenizer.encode(text).ids)
 
 
 def validate_request(body: ImageGenerationRequest, spec: ModelSpec, tokenizer: PromptTokenizer) -> JobParams:

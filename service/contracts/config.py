@@ -6,9 +6,11 @@ Lists (`SPO_MODELS`, `SPO_API_KEYS`) are comma-separated.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -63,6 +65,8 @@ class Settings(BaseSettings):
 
     # Logs
     log_level: str = Field("INFO", description="log level of every `spo` process (DEBUG, INFO, WARNING, ...)")
+    log_format: Literal["text", "json"] = Field("text", description="text: one readable line per record; json: one "
+                                                                    "JSON object per line, for log pipelines")
 
     # HTTP
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted request body")
@@ -83,6 +87,24 @@ class Settings(BaseSettings):
         return keys
 
 
-def configure_logging(level: str) -> None:
-    """One log format for every `spo` process, serving or training (SPO_LOG_LEVEL sets the level)."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (time, level, logger, message, exception), so a log pipeline parses every record of
+    every `spo` process, uvicorn's included, without a pattern per source."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """One log format for every `spo` process, serving or training (SPO_LOG_LEVEL, SPO_LOG_FORMAT). uvicorn is run
+    without a logging config of its own (log_config=None), so its records reach this handler too."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])

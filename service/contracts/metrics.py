@@ -20,11 +20,17 @@ spo_queue_depth                        gauge      model                       AP
 spo_workers_alive                      gauge      model                       API, at scrape time
 spo_worker_heartbeat_age_seconds       gauge      model, worker               API, at scrape time
 spo_redis_up                           gauge      (none)                      API, at scrape time (1 ok, 0 down)
+
+Every series whose labels are known up front exists from the start, at 0: a worker creates its model's outcomes,
+failure reasons, histograms and gauges when it starts (`initialise_worker`), the API each route's request counters
+for the statuses it can answer (`initialise_api`). Without that a counter appears only with its first event, so a
+dashboard panel says "No data" and `rate()` cannot see the first failures (its first sample already holds them).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -67,6 +73,32 @@ WORKERS_ALIVE = Gauge("spo_workers_alive", "Workers whose heartbeat is fresh.", 
 HEARTBEAT_AGE = Gauge("spo_worker_heartbeat_age_seconds", "Seconds since each worker's last heartbeat.",
                       ["model", "worker"], multiprocess_mode="mostrecent")
 _redis_up: Gauge | None = None
+
+# The label values the service emits, so they can be created at 0 (the worker loop uses exactly these).
+JOB_STATUSES = ("succeeded", "failed", "cancelled", "duplicate")
+FAILURE_REASONS = ("attempts_exhausted", "inference_error")
+# Statuses any route may answer (docs/architecture.md, errors) besides its own success status.
+ERROR_STATUSES = ("400", "401", "403", "404", "409", "422", "429", "500", "503", "504")
+
+
+def initialise_worker(model: str, backend: str) -> None:
+    """Create a worker's series at 0 before its first job (see the module docstring)."""
+    for status in JOB_STATUSES:
+        JOBS.labels(model, status)
+    for reason in FAILURE_REASONS:
+        FAILURES.labels(model, reason)
+    for histogram in (JOB_LATENCY, QUEUE_WAIT, INFERENCE, BATCH_SIZE):
+        histogram.labels(model)
+    UNET_STEP.labels(model, backend)
+    IN_FLIGHT.labels(model).set(0)
+
+
+def initialise_api(routes: Iterable[tuple[str, str, int]]) -> None:
+    """Create the request series at 0 for each (route template, method, success status) and every error status."""
+    for endpoint, method, success in routes:
+        for status in (str(success), *ERROR_STATUSES):
+            REQUESTS.labels(endpoint, method, status)
+        REQUEST_DURATION.labels(endpoint, method)
 
 
 def redis_up() -> Gauge:

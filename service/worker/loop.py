@@ -127,6 +127,7 @@ class Worker:
         self._state = "starting"
         self._under_load = False  # did the last batch have company? then it pays to wait for more
         self.batches_run = 0
+        metrics.initialise_worker(self.model, runner.spec.backend)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class Worker:
         if self._stop_requested:
             self._stopping.set()
         await self._retry_redis(lambda: self.queue.ensure_groups(self.model))
+        self._record_memory()  # the loaded model's footprint, before the first batch
         heartbeat = asyncio.create_task(self._heartbeats(), name="spo-heartbeat")
         log.info("worker %s serving %s (max_batch=%d, max_wait_ms=%d, visibility=%.1fs)", self.consumer, self.model,
                  self.max_batch, self.settings.max_wait_ms, self.settings.visibility_timeout_s)
@@ -395,6 +397,7 @@ def run_worker(settings: Settings, model: str, *, metrics_port: int | None = Non
     spec = load_manifest(settings.manifest).get(model)
     runner = ModelRunner(spec, device=settings.device, threads=settings.torch_threads).load()
     runner.warmup(max_images=settings.max_batch)
+    metrics.initialise_worker(spec.name, spec.backend)  # before the port opens: no scrape sees them missing
     if metrics_port is not None:
         from prometheus_client import start_http_server
 

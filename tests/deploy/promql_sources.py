@@ -47,14 +47,51 @@ def template_queries(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def substitute(expr: str, model: str) -> str:
-    """Grafana's variables replaced as Grafana would; anything left over is an unknown variable."""
-    out = (expr.replace("$__rate_interval", RATE_INTERVAL).replace("${__rate_interval}", RATE_INTERVAL)
-           .replace("${model}", model).replace("$model", model))
+def all_values(path: Path) -> dict[str, str]:
+    """Query variable -> the regex Grafana sends when "All" is selected (its allValue)."""
+    dashboard = json.loads(path.read_text())
+    return {v["name"]: v["allValue"] for v in dashboard["templating"]["list"] if v.get("type") == "query"}
+
+
+def substitute(expr: str, model: str, variables: dict[str, str] | None = None) -> str:
+    """Grafana's variables replaced as Grafana would ($model by `model`, the others by `variables`, e.g. their "All"
+    values); anything left over is an unknown variable."""
+    out = expr.replace("$__rate_interval", RATE_INTERVAL).replace("${__rate_interval}", RATE_INTERVAL)
+    for name, value in {**(variables or {}), "model": model}.items():
+        out = out.replace("${" + name + "}", value)
+        out = re.sub(rf"\${name}\b", lambda _m, v=value: v, out)
     leftover = re.findall(r"\$\{?\w+", out)
     if leftover:
         raise ValueError(f"unknown dashboard variable(s) {leftover} in {expr!r}")
     return out
+
+
+Matcher = tuple[str, str, str]  # (label, operator, value)
+_SELECTOR = re.compile(r"(?<![\w:])(spo_[a-z0-9_]+|up)\s*(\{[^}]*\})?(?=\s*[\[\)\s,]|$)")
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def selectors(expr: str) -> list[tuple[str, list[Matcher]]]:
+    """The vector selectors of an expression that name a metric of the project (spo_*) or `up`, with their
+    matchers (`by (...)` / `on (...)` label lists are not selectors and are skipped)."""
+    out = []
+    for match in _SELECTOR.finditer(expr):
+        before = expr[:match.start()].rstrip()
+        if re.search(r"\b(by|without|on|ignoring|group_left|group_right)\s*\($", before):
+            continue
+        out.append((match.group(1), _MATCHER.findall(match.group(2) or "")))
+    return out
+
+
+def matches(labels: dict[str, str], matchers: list[Matcher]) -> bool:
+    """PromQL matcher semantics: regexes are anchored, and an absent label is the empty string."""
+    for label, op, value in matchers:
+        have = labels.get(label, "")
+        if op == "=" and have != value or op == "!=" and have == value:
+            return False
+        if op in ("=~", "!~") and bool(re.fullmatch(value, have)) != (op == "=~"):
+            return False
+    return True
 
 
 def rules(paths: list[Path]) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
-"""The Helm chart rendered (tests/deploy/gotemplate.py stands in for `helm template`, which cannot be installed
-here) with each values file: valid YAML objects that fit together (selectors, ports, volumes, names), the contracts
-of docs/architecture.md#kubernetes (GPU workers, probes that wait for the model, drain time, engine cache, Redis
-bundled or from a Secret, API keys from a Secret, ServiceMonitor, dashboard ConfigMap, PrometheusRule, KEDA, PDBs),
+"""The Helm chart rendered by `helm template` with its defaults, each values file of ci/ and targeted overrides:
+valid YAML objects that fit together (selectors, ports, volumes, names), the contracts of
+docs/architecture.md#kubernetes (GPU workers, probes that wait for the model, drain time, engine cache, Redis bundled
+or from a Secret, API keys from a Secret, ServiceMonitor, dashboard ConfigMap, PrometheusRule, KEDA, PDBs),
 and the names the service and the monitoring files expect (stream keys, scrape job names, SPO_* settings)."""
 
 from __future__ import annotations
@@ -11,19 +11,14 @@ import re
 
 import pytest
 import yaml
-from chart_values import VALUES_FILES, load_values, merged
-from deploy_paths import CHART, DASHBOARD, DEPLOY, RULES
-from gotemplate import Chart, TemplateError
+from deploy_paths import DASHBOARD, DEPLOY, RULES
+from helm_render import CASES, NAMESPACE, Helm, HelmError, case_id
+from keda_scaling import desired_replicas, trigger_key
 
 from service.contracts.config import Settings
 from service.contracts.queue import Keys
 
-RELEASE, NAMESPACE = "spo-diffusion", "spo"
 KNOWN_ENV = {f"SPO_{name.upper()}" for name in Settings.model_fields} | {"SPO_LOG_LEVEL", "SPO_ENGINE_CACHE"}
-
-
-def render(values: dict) -> list[dict]:
-    return Chart(CHART, values, release=RELEASE, namespace=NAMESPACE).manifests()
 
 
 def of_kind(docs: list[dict], kind: str) -> list[dict]:
@@ -34,10 +29,11 @@ def component(docs: list[dict], kind: str, name: str) -> list[dict]:
     return [d for d in of_kind(docs, kind) if d["metadata"]["labels"].get("app.kubernetes.io/component") == name]
 
 
-@pytest.fixture(params=VALUES_FILES, ids=lambda p: p.name)
-def case(request) -> tuple[dict, list[dict]]:
-    values = merged(load_values(request.param))
-    return values, render(values)
+@pytest.fixture(scope="module", params=CASES, ids=case_id)
+def case(request, helm: Helm) -> tuple[dict, list[dict]]:
+    """(the values helm computed, the objects it rendered)."""
+    rendered = helm.template(request.param)
+    return rendered.values, rendered.docs
 
 
 def test_objects_are_well_formed(case):
@@ -227,25 +223,25 @@ def test_engine_build_jobs(case):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"redis": {"bundled": {"enabled": False}}}, "redis.external.existingSecret is required"),
-    ({"worker": {"autoscaling": {"keda": {"enabled": True}, "hpa": {"enabled": True}}}}, "not both"),
+    ({"worker": {"autoscaling": {"keda": {"enabled": True}, "hpa": {"enabled": True}}}},
+     "worker.autoscaling.keda.enabled and worker.autoscaling.hpa.enabled are both true"),
     ({"redis": {"bundled": {"enabled": False}, "external": {"existingSecret": "r"}},
       "worker": {"autoscaling": {"keda": {"enabled": True}}}}, "redis.external.address"),
     ({"engineBuild": {"enabled": True, "gpuTypes": [{"name": "a100"}]},
       "worker": {"engineCache": {"persistence": {"enabled": False}}}}, "engines must outlive the Job"),
 ])
-def test_misconfigurations_fail_with_a_message(overrides, message):
-    with pytest.raises(TemplateError, match=re.escape(message)):
-        render(merged(overrides))
+def test_misconfigurations_fail_with_a_message(overrides, message, helm):
+    with pytest.raises(HelmError, match=re.escape(message)):
+        helm.template(overrides=overrides)
 
 
-def test_options_render():
+def test_options_render(helm):
     """Options off by default render valid objects too: inline manifest, HPA instead of KEDA, Prometheus-sourced
     KEDA, persistence for the bundled Redis, API autoscaling, CPU-only workers."""
-    values = merged({"manifest": {"inline": "models: []\n"}, "api": {"autoscaling": {"enabled": True}},
-                     "redis": {"bundled": {"persistence": {"enabled": True}}},
-                     "worker": {"gpu": 0, "autoscaling": {"hpa": {"enabled": True}}},
-                     "models": [{"name": "a", "gpu": 1}, {"name": "b"}]})
-    docs = render(values)
+    docs = helm.template(overrides={"manifest": {"inline": "models: []\n"}, "api": {"autoscaling": {"enabled": True}},
+                                    "redis": {"bundled": {"persistence": {"enabled": True}}},
+                                    "worker": {"gpu": 0, "autoscaling": {"hpa": {"enabled": True}}},
+                                    "models": [{"name": "a", "gpu": 1}, {"name": "b"}]}).docs
     hpas = of_kind(docs, "HorizontalPodAutoscaler")
     assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas} == {
         d["metadata"]["name"] for d in of_kind(docs, "Deployment") if d["metadata"]["name"].rsplit("-", 1)[-1]
@@ -256,7 +252,49 @@ def test_options_render():
     assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"].endswith("-redis") for d in docs)
     manifest = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-manifest"))
     assert manifest["data"]["models.yaml"] == "models: []\n"
-    prom = render(merged({"worker": {"autoscaling": {"keda": {"enabled": True, "source": "prometheus"}}}}))
+    keda = {"enabled": True, "source": "prometheus"}
+    prom = helm.template(overrides={"worker": {"autoscaling": {"keda": keda}}}).docs
     (scaled,) = of_kind(prom, "ScaledObject")
     assert scaled["spec"]["triggers"][0]["metadata"]["query"] == \
         f'max(spo_queue_depth{{namespace="{NAMESPACE}", model="spo-sdxl"}})'
+
+
+@pytest.mark.parametrize("source", ["redis", "prometheus"])
+def test_keda_scales_on_the_whole_queue(helm, source, report):
+    """6 + 6 + 6 jobs queued on the three priority streams, 6 jobs per worker: KEDA must ask for 3 workers (the HPA
+    behind it follows the largest of its metrics, so the streams must reach it as one sum)."""
+    overrides = {"worker": {"autoscaling": {"keda": {"enabled": True, "source": source, "jobsPerWorker": 6,
+                                                     "maxReplicas": 8}}},
+                 "models": [{"name": "spo-sdxl"}, {"name": "spo-tiny", "minReplicas": 0}]}
+    scaled = {d["spec"]["scaleTargetRef"]["name"].rsplit("-worker-", 1)[1]: d
+              for d in of_kind(helm.template(overrides=overrides).docs, "ScaledObject")}
+    queued = {"high": 6, "normal": 6, "low": 6}
+    if source == "redis":
+        names = {t["name"]: t["metadata"]["stream"] for t in scaled["spo-sdxl"]["spec"]["triggers"]}
+        assert names == {p: f"spo:queue:spo-sdxl:{p}" for p in queued}
+
+    def load(counts: dict[str, int]) -> dict[str, float]:
+        """What each trigger reads: a stream's length, or spo_queue_depth (every priority of the model summed)."""
+        return {trigger_key(t): counts[t["name"]] if source == "redis" else sum(counts.values())
+                for obj in scaled.values() for t in obj["spec"]["triggers"]}
+
+    replicas = desired_replicas(scaled["spo-sdxl"], load(queued))
+    report(f"KEDA ({source}): 6 + 6 + 6 queued jobs at 6 per worker -> {replicas} workers")
+    assert replicas == 3
+    assert desired_replicas(scaled["spo-sdxl"], load({"high": 0, "normal": 0, "low": 0})) == 1, "minReplicaCount 1"
+    assert desired_replicas(scaled["spo-sdxl"], load({"high": 100, "normal": 0, "low": 0})) == 8, "maxReplicaCount"
+    # A model with minReplicas 0 scales to zero on an empty queue and back to one on the first job.
+    assert scaled["spo-tiny"]["spec"]["minReplicaCount"] == 0
+    assert desired_replicas(scaled["spo-tiny"], load({"high": 0, "normal": 0, "low": 0})) == 0
+    assert desired_replicas(scaled["spo-tiny"], load({"high": 0, "normal": 0, "low": 1})) == 1
+
+
+def test_keda_semantics_take_the_largest_trigger_without_modifiers():
+    """The model of KEDA used above has teeth: three separate stream triggers size for the longest stream alone."""
+    triggers = [{"type": "redis-streams", "name": p, "metadata": {"stream": p, "streamLength": "6"}}
+                for p in ("high", "normal", "low")]
+    separate = {"spec": {"minReplicaCount": 1, "maxReplicaCount": 8, "triggers": triggers}}
+    assert desired_replicas(separate, {"high": 6, "normal": 6, "low": 6}) == 1
+    summed = {"spec": {**separate["spec"], "advanced": {"scalingModifiers": {"formula": "high + normal + low",
+                                                                             "target": "6"}}}}
+    assert desired_replicas(summed, {"high": 6, "normal": 6, "low": 6}) == 3

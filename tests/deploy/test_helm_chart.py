@@ -1,54 +1,51 @@
-"""The Helm chart without the `helm` binary (it cannot be installed on this project's machines): values files
-against values.schema.json, every `.Values` path the templates use against values.yaml (and every value used),
-balanced template blocks, files the templates read, inline manifests the service accepts, and a strict YAML lint of
-every non-template YAML file of k8s/ and deploy/. Where `helm` is on PATH, `helm lint` and `helm template` run too.
+"""The Helm chart checked by the real `helm` (pinned; tests/deploy/install-helm.sh): `helm lint --strict` with its
+defaults and every values file of ci/, the schema refusing bad values, plus what helm cannot see: every `.Values`
+path the templates use exists in values.yaml (and every value is used), the files the templates read, inline
+manifests the service accepts, and a strict YAML lint of every non-template YAML file of k8s/ and deploy/.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-import jsonschema
 import pytest
 import yaml
-from chart_values import VALUES_FILES, load_values, merged
 from deploy_paths import CHART, DASHBOARD, DEPLOY, ROOT
+from helm_render import CASES, Helm, HelmError, case_id
 from promql_sources import panels
 
 TEMPLATES = sorted((CHART / "templates").glob("*"))
 
 
-@pytest.fixture(scope="module")
-def validator() -> jsonschema.Draft202012Validator:
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+def load_values(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
 
 
-@pytest.mark.parametrize("path", VALUES_FILES, ids=lambda p: p.name)
-def test_values_files_match_schema(path, validator):
-    values = merged(load_values(path))
-    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(values)]
-    assert not errors, "\n".join(errors)
+@pytest.mark.parametrize("values_file", CASES, ids=case_id)
+def test_helm_lint_strict(values_file, helm: Helm, report):
+    """Lint with --strict (warnings fail too); the values are checked against values.schema.json on the way."""
+    out = helm.lint(values_file)
+    report(f"{helm.version()}: helm lint --strict {case_id(values_file)}: {out.strip().splitlines()[-1]}")
+    assert "0 chart(s) failed" in out and "[WARNING]" not in out, out
 
 
-@pytest.mark.parametrize(("overrides", "why"), [
-    ({"worker": {"gpuu": 1}}, "a misspelt key"),
-    ({"models": []}, "no model to serve"),
-    ({"models": [{"name": "has space"}]}, "a model name Kubernetes names cannot carry"),
-    ({"redis": {"bundled": {"enabled": False}}}, "external Redis without the Secret of its URL"),
-    ({"worker": {"autoscaling": {"keda": {"enabled": True}, "hpa": {"enabled": True}}}}, "KEDA and HPA at once"),
-    ({"worker": {"autoscaling": {"keda": {"source": "kafka"}}}}, "an unknown KEDA source"),
-    ({"config": {"maxAttempts": 0}}, "a setting the service would reject"),
-    ({"manifest": {"path": "relative.yaml", "inline": ""}}, "a manifest path that is not absolute"),
-    ({"worker": {"engineCache": {"persistence": {"accessModes": ["ReadWriteSometimes"]}}}}, "a bad access mode"),
+@pytest.mark.parametrize(("overrides", "where"), [
+    ({"worker": {"gpuu": 1}}, "additional properties 'gpuu' not allowed"),
+    ({"models": []}, "/models"),
+    ({"models": [{"name": "has space"}]}, "/models/0/name"),
+    ({"worker": {"autoscaling": {"keda": {"source": "kafka"}}}}, "/worker/autoscaling/keda/source"),
+    ({"config": {"maxAttempts": 0}}, "/config/maxAttempts"),
+    ({"manifest": {"path": "relative.yaml", "inline": ""}}, "/manifest/path"),
+    ({"worker": {"engineCache": {"persistence": {"accessModes": ["ReadWriteSometimes"]}}}},
+     "/worker/engineCache/persistence/accessModes/0"),
 ])
-def test_schema_rejects_bad_values(overrides, why, validator):
-    assert list(validator.iter_errors(merged(overrides))), f"schema accepted {why}: {overrides}"
+def test_schema_rejects_bad_values(overrides, where, helm: Helm):
+    """helm refuses them at the schema, naming the value."""
+    with pytest.raises(HelmError, match="don't meet the specifications of the schema") as err:
+        helm.template(overrides=overrides)
+    assert where in str(err.value), str(err.value)
 
 
 def _template_text() -> str:
@@ -117,14 +114,6 @@ def test_list_item_fields_are_in_the_schema(var, schema_path):
     assert fields <= set(node["properties"]), fields - set(node["properties"])
 
 
-@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
-def test_template_blocks_are_balanced(path):
-    text = re.sub(r"\{\{-?\s*/\*.*?\*/\s*-?\}\}", "", path.read_text(), flags=re.S)  # comments
-    actions = re.findall(r"\{\{-?\s*(\w+)", text)
-    opened = sum(a in ("if", "range", "with", "define") for a in actions)
-    assert opened == actions.count("end"), f"{opened} blocks opened, {actions.count('end')} closed"
-
-
 def test_files_the_templates_read_exist():
     names = set(re.findall(r'\.Files\.Get\s+"([^"]+)"', _template_text()))
     assert names == {"files/spo-alerts.yml", "files/spo-diffusion.json"}
@@ -140,31 +129,32 @@ def test_chart_metadata():
     assert chart["appVersion"] == version, "appVersion is the package version the images are built from"
 
 
-@pytest.mark.parametrize("path", VALUES_FILES, ids=lambda p: p.name)
-def test_inline_manifests_load_in_the_service(path, tmp_path):
+@pytest.mark.parametrize("values_file", CASES, ids=case_id)
+def test_served_models_are_in_the_manifest_the_pods_read(values_file, helm: Helm, tmp_path):
+    """SPO_MANIFEST of every pod is the inline manifest's ConfigMap or a file the image copies from the repository
+    (deploy/manifests/, models/), and it declares every model the pod serves."""
     from service.contracts.manifest import load_manifest
 
-    values = merged(load_values(path))
-    if not values["manifest"]["inline"]:
-        return
-    (tmp_path / "models.yaml").write_text(values["manifest"]["inline"])
-    manifest = load_manifest(tmp_path / "models.yaml")
-    for model in values["models"]:
-        manifest.get(model["name"])  # every served model is in the manifest
-
-
-def test_default_manifest_path_serves_the_default_models():
-    """manifest.path points into the image; the image copies deploy/manifests/ and models/ from the repository."""
-    from service.contracts.manifest import load_manifest
-
-    for path in VALUES_FILES:
-        values = merged(load_values(path))
-        if values["manifest"]["inline"]:
-            continue
-        local = ROOT / Path(values["manifest"]["path"]).relative_to("/app")
-        manifest = load_manifest(local)
-        for model in values["models"]:
-            manifest.get(model["name"])
+    docs = helm.template(values_file).docs
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    checked = 0
+    for workload in (d for d in docs if d["kind"] == "Deployment"):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            if "SPO_MANIFEST" not in env:
+                continue
+            path = env["SPO_MANIFEST"]
+            if path == "/etc/spo/models.yaml":
+                (configmap,) = [c for name, c in configmaps.items() if name.endswith("-manifest")]
+                local = tmp_path / "models.yaml"
+                local.write_text(configmap["data"]["models.yaml"])
+            else:
+                local = ROOT / Path(path).relative_to("/app")
+            manifest = load_manifest(local)
+            for name in env["SPO_MODELS"].split(","):
+                manifest.get(name)
+            checked += 1
+    assert checked >= 2, "the API and at least one worker read a manifest"
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -212,28 +202,21 @@ def test_dashboard_structure():
     assert [p["repeat"] for p in repeated] == ["model"], "one row repeated per model"
 
 
-def _without_checksums(doc: dict) -> dict:
-    for meta in (doc.get("metadata", {}), doc.get("spec", {}).get("template", {}).get("metadata", {})):
-        for key in [k for k in meta.get("annotations") or {} if k.startswith("checksum/")]:
-            del meta["annotations"][key]
-    return doc
+def test_dashboard_keeps_releases_apart():
+    """Grafana dashboard-linter's template and target rules: `job` and `instance` variables (multi, from
+    $datasource, allValue .+), plus `namespace` (allValue .*: compose has none), and every selector of every target
+    filtered by all three, so two releases in one cluster never mix their numbers."""
+    from promql_sources import dashboard_queries, selectors
 
-
-@pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda p: p.name)
-def test_helm_lint_and_template(values_file):
-    """Where helm exists: `helm lint`, and `helm template` gives the objects tests/deploy/gotemplate.py renders."""
-    helm = shutil.which("helm")
-    if helm is None:
-        pytest.skip("`helm` is not installed here (no package of it on PyPI or Debian's archive); "
-                    "test_chart_render.py renders the chart with tests/deploy/gotemplate.py instead")
-    from gotemplate import Chart
-
-    subprocess.run([helm, "lint", str(CHART), "-f", str(values_file)], check=True, capture_output=True, timeout=60)
-    out = subprocess.run([helm, "template", "spo-diffusion", str(CHART), "-n", "spo", "-f", str(values_file)],
-                         check=True, capture_output=True, text=True, timeout=60).stdout
-    by_helm = sorted((_without_checksums(d) for d in yaml.safe_load_all(out) if d), key=lambda d: (d["kind"],
-                                                                                               d["metadata"]["name"]))
-    ours = sorted((_without_checksums(d) for d in Chart(CHART, merged(load_values(values_file)), "spo-diffusion",
-                                                          "spo").manifests()),
-                  key=lambda d: (d["kind"], d["metadata"]["name"]))
-    assert by_helm == ours
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    for name, all_value in (("job", ".+"), ("instance", ".+"), ("namespace", ".*")):
+        var = variables[name]
+        assert var["type"] == "query" and var["multi"] and var["includeAll"] and var["allValue"] == all_value, var
+        assert var["datasource"]["uid"] == "${datasource}" and var["query"]["query"].startswith("label_values("), var
+    unscoped = []
+    for where, expr in dashboard_queries(DASHBOARD):
+        for metric, matchers in selectors(expr):
+            have = {(label, op, value) for label, op, value in matchers}
+            if not {("namespace", "=~", "$namespace"), ("job", "=~", "$job"), ("instance", "=~", "$instance")} <= have:
+                unscoped.append(f"{where}: {metric}")
+    assert not unscoped, unscoped

@@ -12,65 +12,26 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import subprocess
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
-import pytest
 import redis
 import yaml
-from deploy_paths import DASHBOARD, DEPLOY, ROOT, RULES
-from promql_sources import dashboard_queries, job_names, metric_names, rules, substitute, template_queries
+from deploy_paths import DASHBOARD, DEPLOY, RULES
+from processes import MODEL, Proc, wait_for
+from promql_sources import (
+    all_values,
+    dashboard_queries,
+    job_names,
+    metric_names,
+    rules,
+    substitute,
+    template_queries,
+)
 from service_harness import PROMPT, free_port
-
-MODEL = "spo-tiny"
-STEPS = 4
-
-
-class Proc:
-    """A child process with its log in a file (shown when the test fails)."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log = log_dir / f"{name}.log"
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, n: int = 40) -> str:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return f"--- {self.name} (exit {self.proc.poll()}) ---\n" + "\n".join(lines[-n:])
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def wait_for(what: str, check, procs: list[Proc], timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        for p in procs:
-            assert p.alive(), f"{p.name} died while waiting for {what}\n{p.tail()}"
-        try:
-            value = check()
-        except (httpx.TransportError, OSError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            logs = "\n".join(p.tail() for p in procs)
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
-        time.sleep(interval)
 
 
 def prometheus_config(api_port: int, worker_port: int) -> dict:
@@ -85,16 +46,6 @@ def prometheus_config(api_port: int, worker_port: int) -> dict:
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str((DEPLOY / "prometheus" / pattern).resolve()) for pattern in config["rule_files"]]
     return config
-
-
-@pytest.fixture
-def manifest(tmp_path) -> Path:
-    path = tmp_path / "models.yaml"
-    spec = {"name": MODEL, "kind": "sd15", "base": str(ROOT / "models" / "spo-tiny"),
-            "defaults": {"steps": STEPS, "guidance": 5.0, "size": "64x64"}, "sizes": ["64x64"], "max_n": 4,
-            "max_steps": 60, "guidance_range": [0.0, 20.0], "backend": "torch", "device": "cpu"}
-    path.write_text(yaml.safe_dump({"models": [spec]}))
-    return path
 
 
 class PromClient:
@@ -198,21 +149,27 @@ def test_dashboard_and_alert_queries_against_real_prometheus(prometheus_bin, red
         assert alerts <= {"SpoJobErrorRateHigh"}, alerts
 
         # Every dashboard expression returns data: for all models ($model = .*), and in the per-model row.
+        # Namespace, job and instance at Grafana's "All" (their allValue); compose has no namespace label.
         queries = dashboard_queries(DASHBOARD)
         assert len(queries) >= 20
+        every = all_values(DASHBOARD)
         empty = []
         for model in (".*", MODEL):
             for where, expr in queries:
-                values = prom_api.samples(substitute(expr, model))
+                values = prom_api.samples(substitute(expr, model, every))
                 if not any(math.isfinite(v) for v in values):
-                    empty.append(f"{where} [$model={model}]: {substitute(expr, model)} -> {values}")
+                    empty.append(f"{where} [$model={model}]: {substitute(expr, model, every)} -> {values}")
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
-        # The model variable lists the served model.
+        # The variables list what is there: the served model, both scrape jobs, both targets.
+        expected = {"model": {MODEL}, "job": {"spo-api", "spo-worker"},
+                    "instance": {f"127.0.0.1:{api_port}", f"127.0.0.1:{worker_port}"}, "namespace": set()}
         for name, query in template_queries(DASHBOARD):
-            metric, label = query.removeprefix("label_values(").removesuffix(")").replace(" ", "").split(",")
-            values = prom_api.http.get(f"/api/v1/label/{label}/values", params={"match[]": metric}).json()["data"]
-            assert MODEL in values, f"variable {name}: {query} -> {values}"
+            match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query)
+            assert match, query
+            selector, label = substitute(match.group(1), ".*", every), match.group(2)
+            values = prom_api.http.get(f"/api/v1/label/{label}/values", params={"match[]": selector}).json()["data"]
+            assert set(values) == expected[name], f"variable {name}: {query} -> {values}"
 
         # Alert and recording expressions are valid queries, and every metric and scrape job they name exists
         # (an alert on a renamed metric would otherwise stay silently quiet).
@@ -226,7 +183,7 @@ def test_dashboard_and_alert_queries_against_real_prometheus(prometheus_bin, red
 
         # The check has teeth: the same query on a renamed metric is empty.
         where, expr = next(q for q in queries if "spo_job_latency_seconds_bucket" in q[1])
-        renamed = substitute(expr, ".*").replace("spo_job_latency_seconds_bucket", "spo_job_latency_secs_bucket")
+        renamed = substitute(expr, ".*", every).replace("spo_job_latency_seconds_bucket", "spo_job_latency_secs_bucket")
         assert prom_api.samples(renamed) == []
     finally:
         for proc in reversed(procs):

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chart_values import VALUES_FILES, load_values, merged
-from deploy_paths import CHART, DEPLOY, ROOT
-from gotemplate import Chart
+from deploy_paths import DEPLOY, ROOT
+from helm_render import CASES, Helm, case_id
 
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -50,12 +49,11 @@ def test_checkov_dockerfile(checkov):
     assert passed > 50
 
 
-@pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda p: p.name)
-def test_checkov_rendered_chart(checkov, values_file, tmp_path):
-    """The chart rendered (tests/deploy/gotemplate.py, as `helm template` would) and scanned as Kubernetes
-    manifests; the chart's justified skips are `checkov.io/skipN` annotations on its objects."""
-    docs = Chart(CHART, merged(load_values(values_file)), release="spo-diffusion", namespace="spo").manifests()
-    (tmp_path / "rendered.yaml").write_text(yaml.safe_dump_all(docs))
+@pytest.mark.parametrize("values_file", CASES, ids=case_id)
+def test_checkov_rendered_chart(checkov, helm: Helm, values_file, tmp_path):
+    """The chart rendered by `helm template` and scanned as Kubernetes manifests; the chart's justified skips are
+    `checkov.io/skipN` annotations on its objects."""
+    (tmp_path / "rendered.yaml").write_text(helm.manifests_text(values_file))
     passed = assert_clean(checkov_report(checkov, ["--directory", str(tmp_path), "--framework", "kubernetes"]))
     assert passed > 100
 

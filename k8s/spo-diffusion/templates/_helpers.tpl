@@ -96,6 +96,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   value: {{ .Values.config.workerStaleS | quote }}
 - name: SPO_LOG_LEVEL
   value: {{ .Values.config.logLevel | quote }}
+- name: SPO_LOG_FORMAT
+  value: {{ .Values.config.logFormat | quote }}
 - name: HF_HOME
   value: /cache/huggingface
 {{- with .Values.config.extraEnv }}
