@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         def _no_training(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"training commands need the training extra: pip install 'spo-diffusion[train]' ({missing})")
 
-        for name in ("train", "data", "eval"):
+        for name in ("train", "data", "eval", "convert"):
             sub.add_parser(name, help="(needs spo-diffusion[train])").set_defaults(func=_no_training)
     else:
         register_training(sub)

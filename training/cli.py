@@ -233,6 +233,35 @@ def _cmd_eval_compare(args: argparse.Namespace, parser: argparse.ArgumentParser)
     return 0 if result else 1
 
 
+def _cmd_convert_spm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .spm_convert import SPMConversionError, convert_spm
+
+    if not Path(args.ckpt).is_file():
+        parser.error(f"argument --ckpt: no file at {args.ckpt!r}")
+    try:
+        out = convert_spm(Path(args.ckpt), args.base, Path(args.out), processor=args.processor)
+    except SPMConversionError as err:
+        message = str(err)
+        flag = message.split(" ", 1)[0] if message.startswith("--") else "--ckpt"
+        parser.error(f"argument {flag}: {message.removeprefix(flag).lstrip()}")
+    print(f"saved the step-aware preference model to {out} (use it with --spm {out})")
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    conv = sub.add_parser("convert", help="convert published checkpoints").add_subparsers(dest="convert_command",
+                                                                                        required=True)
+    p = _parser(conv, "spm", "a published step-aware preference model (*_step-aware_preference_model.bin) -> an SPM "
+                "folder for --spm", _cmd_convert_spm)
+    p.add_argument("--ckpt", required=True, help="the published .bin (a `model.`-prefixed fp32 state dict)")
+    p.add_argument("--base", required=True,
+                   help="CLIP model folder or hub id whose config.json fits the file (yuvalkirstain/PickScore_v1)")
+    p.add_argument("--processor", default=None,
+                   help="folder or hub id with the tokenizer and preprocessor_config.json "
+                        "(laion/CLIP-ViT-H-14-laion2B-s32B-b79K; default: --base)")
+    p.add_argument("--out", required=True, help="SPM folder to write")
+
+
 def _parser(group: argparse._SubParsersAction, name: str, help: str,
             func: Callable[[argparse.Namespace, argparse.ArgumentParser], int]) -> argparse.ArgumentParser:
     p = group.add_parser(name, help=help, formatter_class=HelpFormatter)
@@ -405,6 +434,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_train_base_and_spm(train)
     _add_train_spo_and_dpo(train)
     _add_eval(sub)
+    _add_convert(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
