@@ -107,7 +107,7 @@ def test_two_processes_one_keeping_no_pairs_finish_with_equal_weights(smoke_mode
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # trained: LoRA B starts at zero
     records = [json.loads(x) for x in (out / "spo_log.jsonl").read_text().splitlines()]
-    assert [r["batch"] for r in records] == [0, 1, 2] and all(r["optimizer_steps"] == 1 for r in records)
+    assert [r["batch"] for r in records] == [0, 1, 2] and all(1 <= r["optimizer_steps"] <= 2 for r in records)
 
 
 def test_prompt_files_in_three_layouts_skip_and_report_bad_entries(tmp_path):
