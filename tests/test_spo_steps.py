@@ -134,8 +134,12 @@ def test_prompt_files_in_three_layouts_skip_and_report_bad_entries(tmp_path):
         read_prompts(tmp_path / "empty.txt")
 
 
+@pytest.mark.slow
 def test_cli_sd15_preset_trains_on_a_prompt_file_with_a_converted_spm(random_pipeline, tmp_path, capsys):
-    """`spo train spo --preset sd15 --prompts FILE --spm CONVERTED` runs two iterations on a tiny SD 1.5 model."""
+    """`spo train spo --preset sd15 --prompts FILE --spm CONVERTED` runs two iterations on a tiny SD 1.5 model.
+
+    Slow: the sd15 preset itself (10 prompts x 4 candidates x 20 steps, every candidate decoded and scored) costs
+    about a CPU-minute per batch even at the smoke widths."""
     from tests.published_spm import write_published_spm
     from training.cli import main
     from training.spm_convert import convert_spm
