@@ -100,7 +100,7 @@ def main() -> None:
     summary.update(peak_gib=max(max(r["peak_gib_sampling_scoring"], r["peak_gib_training"]) for r in timed),
                    gpu=torch.cuda.get_device_name() if gpu else 'cpu', torch=torch.__version__, prompts=args.prompts,
                    candidates=args.candidates, steps=args.steps, divert_start_step=p.divert_start_step,
-                   pairs_per_step=p.pairs_per_step, optimizer_steps=p.optimizer_steps_per_batch, lora_rank=p.lora_rank)
+                   micro_batch=p.micro_batch, optimizer_steps=p.optimizer_steps_per_batch, lora_rank=p.lora_rank)
     Path(args.out).write_text(json.dumps({"summary": summary, "iterations": rows}, indent=2))
     print("SPO iteration (mean of timed): " + ", ".join(f"{k} {summary[k]:.2f} s" for k in
                                                         ("sampling_s", "scoring_s", "training_s", "total_s"))

@@ -30,22 +30,43 @@ from service.cli_args import (  # noqa: E402
 )
 
 
+def _model_ref(value: str | None, flag: str, parser: argparse.ArgumentParser, needs: str | None = None) -> str | None:
+    """A local path (made absolute) or a hub id, by the manifest's rules; a local one must hold `needs`."""
+    from service.contracts.manifest import is_local_ref, resolve_ref
+
+    if value is None:
+        return None
+    try:
+        ref = resolve_ref(value, Path("."))
+    except ValueError as err:
+        parser.error(f"argument {flag}: {err}")
+    if is_local_ref(value) and not Path(ref).exists():
+        parser.error(f"argument {flag}: {value!r} does not exist")
+    if is_local_ref(value) and needs is not None and not (Path(ref) / needs).is_file():
+        parser.error(f"argument {flag}: no {needs} in {value!r}")
+    return ref
+
+
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        parser.error(f"argument --model: no diffusers pipeline folder at {str(model)!r} (model_index.json missing)")
-    if args.lora is not None and not Path(args.lora).exists():
-        parser.error(f"argument --lora: {args.lora!r} does not exist")
+    model = _model_ref(args.model, "--model", parser, needs="model_index.json")
+    lora = _model_ref(args.lora, "--lora", parser)
+    vae = _model_ref(args.vae, "--vae", parser, needs="config.json")
+    assert model is not None
 
     import torch
     from diffusers.utils import make_image_grid
     from PIL import Image
 
-    from service.worker.pipeline import generate, load_pipeline
+    from service.worker.model_runner import DTYPES
+    from service.worker.pipeline import ModelLoadError, generate, load_pipeline
     from service.worker.runner import ImageRequest
 
     torch.manual_seed(0)
-    pipe = load_pipeline(str(model), lora=args.lora, lora_scale=args.lora_scale, device=args.device)
+    try:  # the worker's loading call, with what a manifest entry would say
+        pipe = load_pipeline(model, lora=lora, lora_scale=args.lora_scale, vae=vae, dtype=DTYPES[args.dtype],
+                             device=args.device, lora_weight_name=args.weight_name)
+    except ModelLoadError as err:
+        parser.error(f"argument --model: {err}")
     width, height = args.size if args.size else (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     requests = [ImageRequest(args.prompt, args.seed + i, args.negative_prompt) for i in range(args.n)]
     images = generate(pipe, requests, steps=args.steps, guidance=args.guidance, width=width, height=height)
@@ -64,7 +85,9 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images with a diffusers model folder (grid when --n > 1)",
                        formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers pipeline folder, e.g. models/spo-tiny")
+    p.add_argument("--model", required=True,
+                   help="diffusers pipeline folder (models/spo-tiny) or hub id (runwayml/stable-diffusion-v1-5; "
+                        "HF_HUB_OFFLINE=1 reads the cache only)")
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
@@ -72,8 +95,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--n", type=positive_int, default=1, help="images to generate")
     p.add_argument("--size", type=image_size, default=None, help="WxH, multiples of 8 (default: the model's)")
-    p.add_argument("--lora", default=None, help="diffusers-format LoRA folder or file to fuse into the UNet")
+    p.add_argument("--lora", default=None, help="diffusers-format LoRA folder, file or hub id to fuse into the UNet")
+    p.add_argument("--weight-name", default=None,
+                   help="the LoRA's file inside --lora when not pytorch_lora_weights.safetensors (the published SPO "
+                        "LoRAs: spo-sd-v1-5_4k-p_10ep_lora_diffusers.safetensors)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the fused LoRA")
+    p.add_argument("--vae", default=None, help="VAE folder or hub id replacing the pipeline's "
+                                               "(SDXL in float16: madebyollin/sdxl-vae-fp16-fix)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="weights' dtype (float16 / bfloat16 on GPU)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default="out.png", help="PNG to write (a grid when --n > 1)")
     p.set_defaults(func=_cmd_generate, _parser=p)
@@ -246,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         def _no_training(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"training commands need the training extra: pip install 'spo-diffusion[train]' ({missing})")
 
-        for name in ("train", "data", "eval"):
+        for name in ("train", "data", "eval", "convert"):
             sub.add_parser(name, help="(needs spo-diffusion[train])").set_defaults(func=_no_training)
     else:
         register_training(sub)

@@ -61,7 +61,7 @@ def test_presets_carry_the_reference_hyper_parameters():
     assert (sd15.num_steps, sd15.guidance, sd15.eta, sd15.divert_start_step) == (20, 5.0, 1.0, 4)
     assert sd15.max_grad_norm == 1.0
     assert (sdxl.lora_rank, sdxl.lr, sdxl.num_candidates, sdxl.threshold, sdxl.inner_steps) == (64, 1e-5, 2, 0.4, 3)
-    assert sdxl.prompts_per_batch == 2 and sdxl.grad_accumulation == 2
+    assert sdxl.prompts_per_batch == 2 and sdxl.micro_batch == 2
 
 
 def test_unknown_preset_and_missing_spm_are_errors(smoke_model, tmp_path):

@@ -175,18 +175,46 @@ def _cmd_eval_spm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def _read_prompt_file(path: str | None, parser: argparse.ArgumentParser) -> list[str] | None:
+    """The prompts of --prompts FILE, skipped entries reported on stderr; a file with none is a usage error."""
+    if path is None:
+        return None
+    from .prompts import PromptFileError, read_prompts
+
+    try:
+        found = read_prompts(Path(path))
+    except PromptFileError as err:
+        parser.error(f"argument --prompts: {err}")
+    if found.problems:
+        print(f"warning: --prompts {found.report()}", file=sys.stderr)
+    return found.prompts
+
+
+def _check_spm_folder(spm: str | None, parser: argparse.ArgumentParser) -> None:
+    if spm is not None and Path(spm).is_file():
+        parser.error(f"argument --spm: {spm!r} is a file; a published step-aware preference model file is converted "
+                     f"first: spo convert spm --ckpt {spm} --base PICKSCORE --processor CLIP_PROCESSOR --out DIR")
+    if spm is None or not (Path(spm) / "spm_config.json").is_file():
+        parser.error("argument --spm: a step-aware preference model folder (spm_config.json) is required with "
+                     "--scorer spm (`spo train spm`, or `spo convert spm` for a published file)")
+
+
 def _cmd_train_spo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .train_spo import train_spo
 
     _check_pipeline(args.model, "--model", parser)
     _check_fresh_out(args, parser)
-    if args.scorer == "spm" and (args.spm is None or not Path(args.spm).is_dir()):
-        parser.error("argument --spm: a step-aware preference model folder is required with --scorer spm")
+    if args.scorer == "spm":
+        _check_spm_folder(args.spm, parser)
+    prompts = _read_prompt_file(args.prompts, parser)
+    overrides = {k: v for k, v in (("lr", args.lr), ("num_candidates", args.num_candidates),
+                                   ("continue_from", args.continue_from)) if v is not None}
+    if args.vae_fp32:
+        overrides["vae_fp32"] = True
     out = train_spo(args.preset, Path(args.model), Path(args.out), spm=Path(args.spm) if args.spm else None,
-                    scorer=args.scorer, seed=args.seed, full_unet=args.full_unet, resume=args.resume,
+                    scorer=args.scorer, prompts=prompts, seed=args.seed, full_unet=args.full_unet, resume=args.resume,
                     max_batches=args.max_batches, max_minutes=args.max_minutes, snapshot_every=args.snapshot_every or 0,
-                    overrides={k: v for k, v in (("lr", args.lr), ("num_candidates", args.num_candidates),
-                                                 ("continue_from", args.continue_from)) if v is not None})
+                    vae=args.vae, overrides=overrides)
     print(f"saved the SPO fine-tune and its manifest entry to {out}")
     return 0
 
@@ -216,7 +244,7 @@ def _cmd_train_dpo(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _cmd_eval_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .evaluate import evaluate_models
+    from .evaluate import evaluate_models, evaluate_prompts, load_preference_model
 
     models: dict[str, tuple[str, str | None]] = {}
     for item in args.models:
@@ -227,10 +255,57 @@ def _cmd_eval_compare(args: argparse.Namespace, parser: argparse.ArgumentParser)
         if lora and not Path(lora).exists():
             parser.error(f"argument --models: LoRA {lora!r} does not exist")
         models[name] = (base, lora or None)
+    if args.prompts is not None or args.preference_model is not None:
+        if args.prompts is None or args.preference_model is None:
+            parser.error("argument --preference-model: --prompts and --preference-model go together (the shapes "
+                         "world's rater judges only its own captions)")
+        if not (Path(args.preference_model) / "config.json").is_file():
+            parser.error(f"argument --preference-model: no CLIP / PickScore or SPM folder at "
+                         f"{args.preference_model!r} (config.json missing)")
+        prompts = _read_prompt_file(args.prompts, parser)
+        assert prompts is not None
+        try:
+            scorer = load_preference_model(args.preference_model, args.processor)
+        except (OSError, ValueError) as err:
+            parser.error(f"argument --preference-model: {err}")
+        evaluate_prompts(models, prompts, Path(args.out), scorer, seeds=args.seeds, steps=args.steps,
+                         guidance=args.guidance, batch=args.batch, device=args.device,
+                         scorer_name=str(args.preference_model))
+        print((Path(args.out) / "report.md").read_text())
+        return 0
     result = evaluate_models(models, Path(args.out), n_heldout=args.n_heldout, n_train=args.n_train,
                              steps=args.steps, guidance=args.guidance)
     print((Path(args.out) / "report.md").read_text())
     return 0 if result else 1
+
+
+def _cmd_convert_spm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .spm_convert import SPMConversionError, convert_spm
+
+    if not Path(args.ckpt).is_file():
+        parser.error(f"argument --ckpt: no file at {args.ckpt!r}")
+    try:
+        out = convert_spm(Path(args.ckpt), args.base, Path(args.out), processor=args.processor)
+    except SPMConversionError as err:
+        message = str(err)
+        flag = message.split(" ", 1)[0] if message.startswith("--") else "--ckpt"
+        parser.error(f"argument {flag}: {message.removeprefix(flag).lstrip()}")
+    print(f"saved the step-aware preference model to {out} (use it with --spm {out})")
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    conv = sub.add_parser("convert", help="convert published checkpoints").add_subparsers(dest="convert_command",
+                                                                                        required=True)
+    p = _parser(conv, "spm", "a published step-aware preference model (*_step-aware_preference_model.bin) -> an SPM "
+                "folder for --spm", _cmd_convert_spm)
+    p.add_argument("--ckpt", required=True, help="the published .bin (a `model.`-prefixed fp32 state dict)")
+    p.add_argument("--base", required=True,
+                   help="CLIP model folder or hub id whose config.json fits the file (yuvalkirstain/PickScore_v1)")
+    p.add_argument("--processor", default=None,
+                   help="folder or hub id with the tokenizer and preprocessor_config.json "
+                        "(laion/CLIP-ViT-H-14-laion2B-s32B-b79K; default: --base)")
+    p.add_argument("--out", required=True, help="SPM folder to write")
 
 
 def _parser(group: argparse._SubParsersAction, name: str, help: str,
@@ -328,6 +403,14 @@ def _add_train_spo_and_dpo(train: argparse._SubParsersAction) -> None:
                    help="rater: the shapes-world rater on decoded x0 (a step-unaware ablation); lookahead: the rater "
                         "on each candidate finished by 4 deterministic DDIM steps (an oracle of its worth, ablation)")
     p.add_argument("--out", default="runs/spo-tiny-spo", help="folder for the LoRA, its manifest entry, checkpoints")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="training prompts: .json list (the reference's 4k prompts), .jsonl with a 'prompt' field, or "
+                        "text, one per line; bad entries are skipped and reported (default: the shapes world's "
+                        "training captions, with its held-out rater evaluation)")
+    p.add_argument("--vae", default=None, help="VAE folder or hub id for the previews the SPM scores (SDXL in fp16: "
+                                               "madebyollin/sdxl-vae-fp16-fix)")
+    p.add_argument("--vae-fp32", action="store_true",
+                   help="decode the scored previews with the VAE in fp32 (an SDXL VAE without the fp16 fix)")
     p.add_argument("--seed", type=int, default=42, help="training seed (the reference's)")
     p.add_argument("--full-unet", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
     _budget_flags(p, "LoRA")
@@ -375,6 +458,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/eval-compare", help="folder for the report, JSON and grids")
     p.add_argument("--n-heldout", type=positive_int, default=256, help="images from held-out combinations")
     p.add_argument("--n-train", type=int, default=0, help="images from training combinations")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="your own prompts instead of the shapes world's (.json list, .jsonl with 'prompt', or text); "
+                        "scored by --preference-model")
+    p.add_argument("--preference-model", default=None, metavar="DIR",
+                   help="with --prompts: a CLIP-style preference model folder (PickScore format, or an SPM at t = 0)")
+    p.add_argument("--processor", default=None, metavar="DIR",
+                   help="tokenizer / preprocessor folder when --preference-model has none (PickScore_v1: the "
+                        "CLIP-ViT-H-14 processor)")
+    p.add_argument("--seeds", type=positive_int, default=1, help="with --prompts: images (seeds) per prompt")
+    p.add_argument("--batch", type=positive_int, default=8, help="with --prompts: images per pipeline call")
+    p.add_argument("--device", default="cpu", help="with --prompts: torch device")
     _generation_flags(p)
     p = _parser(ev, "base", "rate a base model's images on training and held-out combinations", _cmd_eval_base)
     p.add_argument("--model", default="models/spo-tiny", help="diffusers pipeline folder")
@@ -405,6 +499,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_train_base_and_spm(train)
     _add_train_spo_and_dpo(train)
     _add_eval(sub)
+    _add_convert(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
     from service.worker.pipeline import Pipeline
 
+    from .spm import StepAwarePreferenceModel
+
 
 @dataclass(frozen=True)
 class EvalItem:
@@ -221,4 +223,83 @@ def evaluate_models(models: dict[str, tuple[str, str | None]], out: Path, n_held
     tiles = [images[name][i] for i in rows for name in names]
     labels = [f"{name}: {records[name][i]['caption']}" for i in rows for name in names]
     labelled_grid(tiles, labels, cols=len(names)).save(out / "side_by_side.png")
+    return result
+
+
+# ------------------------------------------------------------------------------------- any prompts, a preference model
+
+
+def load_preference_model(path: Path | str, processor: Path | str | None = None) -> StepAwarePreferenceModel:
+    """A preference model to judge images by: an SPM folder (scored at t = 0) or a CLIP / PickScore-format folder
+    (`processor`: the folder with its tokenizer and preprocessor config, when the model folder has none)."""
+    from .spm import SPM_CONFIG, SPMConfig, StepAwarePreferenceModel
+
+    if (Path(path) / SPM_CONFIG).is_file():
+        return StepAwarePreferenceModel.from_pretrained(path).eval()
+    return StepAwarePreferenceModel.from_clip(path, SPMConfig(time_conditioning=False), tokenizer=processor).eval()
+
+
+def evaluate_prompts(models: dict[str, tuple[str, str | None]], prompts: list[str], out: Path,
+                     scorer: StepAwarePreferenceModel, seeds: int = 1, steps: int = 20, guidance: float = 5.0,
+                     batch: int = 8, device: str = "cpu", scorer_name: str = "preference model",
+                     grid_rows: int = 8) -> dict:
+    """Every model draws the same prompts x seeds; a preference model scores each image; each model's win-rate
+    against the first (Wilson interval) and mean paired score gain (standard error) are reported.
+
+    For prompts the shapes-world rater cannot judge: any CLIP-style preference model (PickScore format or an SPM).
+    """
+    import gc
+
+    import torch
+
+    from service.worker.pipeline import generate, load_pipeline
+    from service.worker.runner import ImageRequest
+
+    items = [(prompt, 1000 + j) for prompt in prompts for j in range(seeds)]
+    scorer = scorer.to(device)
+    scores: dict[str, list[float]] = {}
+    thumbs: dict[str, list[np.ndarray]] = {}
+    for name, (base, lora) in models.items():
+        pipe = load_pipeline(base, lora=lora, device=device)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        scores[name], thumbs[name] = [], []
+        for start in tqdm(range(0, len(items), batch), desc=name, dynamic_ncols=True):
+            chunk = items[start:start + batch]
+            images = generate(pipe, [ImageRequest(p, s) for p, s in chunk], steps=steps, guidance=guidance,
+                              width=size, height=size)
+            pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0).to(device)
+            with torch.no_grad():
+                scores[name] += scorer.score(pixels, [p for p, _ in chunk], 0).tolist()
+            for image in images:
+                if len(thumbs[name]) < grid_rows:
+                    thumbs[name].append(np.asarray(Image.fromarray(image).resize((128, 128))))
+        del pipe
+        gc.collect()
+    names = list(models)
+    baseline = names[0]
+    comparisons = {}
+    for name in names[1:]:
+        gain, se = paired_gain(scores[name], scores[baseline])
+        comparisons[name] = {**win_rate(scores[name], scores[baseline]), "mean_gain": gain, "gain_se": se}
+    out.mkdir(parents=True, exist_ok=True)
+    mean_score = {n: float(np.mean(scores[n])) for n in names}
+    result = {"metric": scorer_name, "prompts": len(prompts), "seeds_per_prompt": seeds, "steps": steps,
+              "guidance": guidance, "models": {n: {"base": b, "lora": lo} for n, (b, lo) in models.items()},
+              "mean_score": mean_score, f"vs_{baseline}": comparisons,
+              "images": [{"prompt": p, "seed": s, **{n: scores[n][i] for n in names}}
+                         for i, (p, s) in enumerate(items)]}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Evaluation: {', '.join(names)}", "",
+             f"{len(prompts)} prompts x {seeds} seed(s) per model (DDIM {steps} steps, CFG {guidance}), scored by "
+             f"{scorer_name}.", "", f"| model | mean score | win-rate vs {baseline} (95% Wilson) | mean gain (se) |",
+             "|---|---|---|---|", f"| {baseline} | {mean_score[baseline]:.3f} | | |"]
+    for name, c in comparisons.items():
+        lines.append(f"| {name} | {mean_score[name]:.3f} | {c['win_rate']:.3f} [{c['ci_low']:.3f}, "
+                     f"{c['ci_high']:.3f}] ({c['wins']} / {c['ties']} / {c['losses']}) | {c['mean_gain']:+.3f} "
+                     f"({c['gain_se']:.3f}) |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    rows = min(len(t) for t in thumbs.values())
+    tiles = [thumbs[n][i] for i in range(rows) for n in names]
+    labels = [f"{n}: {items[i][0]}" for i in range(rows) for n in names]
+    labelled_grid(tiles, labels, cols=len(names), scale=1).save(out / "side_by_side.png")
     return result

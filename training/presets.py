@@ -120,10 +120,12 @@ class SPOPreset:
     threshold: float = 0.3
     beta: float = 10.0
     clip_eps: float = 0.1
-    pairs_per_step: int = 10  # pairs in one optimizer step's minibatch
+    # Every kept pair of a batch is trained on once, spread over a fixed number of optimizer steps (the same on every
+    # process, whatever each kept), each step's pairs in passes of `micro_batch` pairs with gradients accumulated.
+    micro_batch: int = 10  # pairs per process per forward/backward pass (a memory bound; the reference's 10)
     optimizer_steps_per_batch: int = 1  # fixed, whatever the number of kept pairs
-    grad_accumulation: int = 1
     mixed_precision: str = "fp16"
+    vae_fp32: bool = False  # decode the scored previews in fp32, outside autocast (an SDXL VAE without the fp16 fix)
     gradient_checkpointing: bool = False
     eval_every: int = 50  # batches; held-out rater evaluation (shapes world only)
     checkpoint_every: int = 100  # batches
@@ -133,16 +135,17 @@ SPO_PRESETS: dict[str, SPOPreset] = {
     # docs/spo.md §3: reference SD 1.5 config (4 GPUs x 10 prompts, 10 epochs over 4k prompts).
     "sd15": SPOPreset(kind="sd15"),
     # SDXL: rank 64, lr 1e-5, batch 2 with accumulation 2, K = 2, threshold 0.4, inner steps 3 (fp16-fix VAE).
-    "sdxl": SPOPreset(kind="sdxl", lora_rank=64, lr=1e-5, prompts_per_batch=2, grad_accumulation=2,
-                      num_candidates=2, threshold=0.4, inner_steps=3, pairs_per_step=2, gradient_checkpointing=True),
+    # The reference's "batch 2, accumulation 2" is here a micro-batch of 2 pairs, accumulated over all kept pairs.
+    "sdxl": SPOPreset(kind="sdxl", lora_rank=64, lr=1e-5, prompts_per_batch=2, num_candidates=2, threshold=0.4,
+                      inner_steps=3, micro_batch=2, gradient_checkpointing=True),
     # spo-tiny on 2 CPU cores. lr: the reference's 6e-5; at 3e-4 the policy/reference ratios blew up and
     # the images broke (benchmarks/results/spo-tiny-rater-2026-11-26).
-    "tiny": SPOPreset(kind="sd15", lr=6e-5, prompts_per_batch=8, epochs=6, pairs_per_step=16,
+    "tiny": SPOPreset(kind="sd15", lr=6e-5, prompts_per_batch=8, epochs=6, micro_batch=16,
                       optimizer_steps_per_batch=2, mixed_precision="no", eval_every=10, checkpoint_every=10),
 }
 SPO_PRESETS["tiny-xl"] = replace(SPO_PRESETS["tiny"], kind="sdxl", num_candidates=2, threshold=0.4, inner_steps=3)
 SPO_PRESETS["smoke"] = replace(SPO_PRESETS["tiny"], prompts_per_batch=2, epochs=1, num_steps=6, divert_start_step=2,
-                               pairs_per_step=4, eval_every=0, checkpoint_every=2, threshold=0.0)
+                               micro_batch=4, eval_every=0, checkpoint_every=2, threshold=0.0)
 
 
 # ------------------------------------------------------------------------------------------------- Diffusion-DPO

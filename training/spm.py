@@ -80,6 +80,14 @@ class SPMConfig:
     num_train_timesteps: int = 1000  # the diffusion model's t range, for the record
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    # How images become the tower's input (`preprocess`). "antialiased": this project's, like CLIP's PIL processor.
+    # "reference": the published SPMs' own (bicubic without antialias, their rounding); a converted SPM records it,
+    # since its scores were learned through that resize and move by up to 3 logits under the other one.
+    preprocessing: str = "antialiased"
+    resize_to: int = 0  # short side before the centre crop; 0: the vision tower's image size
+
+
+PREPROCESSING = ("antialiased", "reference")
 
 
 # --------------------------------------------------------------------------------------------------------- modules
@@ -176,7 +184,7 @@ class StepAwarePreferenceModel(nn.Module):
         `tokenizer`. Normalisation constants come from a `preprocessor_config.json` when one is there.
         """
         path = Path(path)
-        clip = CLIPModel.from_pretrained(path, **load_kwargs)
+        clip = load_clip_strict(path, **load_kwargs)
         tok_path = Path(tokenizer) if tokenizer is not None else path
         mean, std = _image_stats(tok_path) or _image_stats(path) or (config.image_mean, config.image_std)
         config = SPMConfig(**{**asdict(config), "image_mean": tuple(mean), "image_std": tuple(std)})
@@ -192,7 +200,10 @@ class StepAwarePreferenceModel(nn.Module):
             raise FileNotFoundError(f"no SPM at {path} ({SPM_CONFIG} missing)")
         raw = json.loads((path / SPM_CONFIG).read_text())
         config = SPMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})  # type: ignore[arg-type]
-        model = cls(CLIPModel.from_pretrained(path, **load_kwargs), CLIPTokenizer.from_pretrained(path), config)
+        if config.preprocessing not in PREPROCESSING:
+            raise ValueError(f"{path / SPM_CONFIG}: preprocessing must be one of {PREPROCESSING}, "
+                             f"got {config.preprocessing!r}")
+        model = cls(load_clip_strict(path, **load_kwargs), CLIPTokenizer.from_pretrained(path), config)
         if config.time_conditioning:
             state = load_file(path / TIME_WEIGHTS)
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -237,18 +248,22 @@ class StepAwarePreferenceModel(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (N, 3, H, W), e.g. a decoded x0 prediction -> CLIP input, differentiably.
 
-        As CLIP's processor: bicubic resize of the short side to the tower's size (antialiased, like PIL), centre
-        crop, clamp to [0, 1] (the processor works on uint8), normalise.
+        As CLIP's processor: bicubic resize of the short side, centre crop to the tower's size, clamp to [0, 1] (the
+        processor works on uint8), normalise. The resize is the one the config names (`SPMConfig.preprocessing`).
         """
         size = self.clip.config.vision_config.image_size
+        short = self.config.resize_to or size
         x = images.float()
-        h, w = x.shape[-2:]
-        if (h, w) != (size, size):
-            s = size / min(h, w)
-            nh, nw = max(size, round(h * s)), max(size, round(w * s))
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-            top, left = (nh - size) // 2, (nw - size) // 2
-            x = x[..., top:top + size, left:left + size]
+        if self.config.preprocessing == "reference":
+            x = reference_resize_crop(x, short, size)
+        else:
+            h, w = x.shape[-2:]
+            if (h, w) != (size, size):
+                s = short / min(h, w)
+                nh, nw = max(size, round(h * s)), max(size, round(w * s))
+                x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+                top, left = (nh - size) // 2, (nw - size) // 2
+                x = x[..., top:top + size, left:left + size]
         x = (x.clamp(0.0, 1.0) - self.image_mean) / self.image_std
         return x.to(self.clip.dtype)
 
@@ -298,6 +313,53 @@ class StepAwarePreferenceModel(nn.Module):
     def score(self, images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor | int) -> torch.Tensor:
         """PickScore-style scores (about 100 x cosine) of images in [0, 1] (N, 3, H, W) for their prompts at step t."""
         return self(images, self.tokenize(prompts), timesteps)
+
+
+def reference_resize_crop(x: torch.Tensor, short: int, crop: int) -> torch.Tensor:
+    """The published SPMs' resize: bicubic without antialias of the short side to `short` (sides rounded as
+    `int(x * s + 0.5)`), then a `crop` centre crop whose offsets round half to even (only non-square images move)."""
+    h, w = x.shape[-2:]
+    s = short / min(h, w)
+    nh, nw = int(h * s + 0.5), int(w * s + 0.5)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=False)
+    if nh < crop or nw < crop:
+        raise ValueError(f"a {h}x{w} image resized to {nh}x{nw} is smaller than the {crop} px crop")
+    top, left = round((nh - crop) / 2), round((nw - crop) / 2)  # Python's round: half to even
+    return x[..., top:top + crop, left:left + crop]
+
+
+class CheckpointKeyError(ValueError):
+    """A checkpoint's tensors do not fit the model: never silently left at their random initialisation."""
+
+
+def describe_keys(missing: list[str], unexpected: list[str], limit: int = 8) -> str:
+    """'3 missing keys (a, b, c); 1 unexpected key (d)': what a key-mismatch error names."""
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            shown = ", ".join(sorted(keys)[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+            parts.append(f"{len(keys)} {what} key{'s' if len(keys) > 1 else ''} ({shown})")
+    return "; ".join(parts)
+
+
+def load_clip_strict(path: Path | str, **load_kwargs: Any) -> CLIPModel:
+    """`CLIPModel.from_pretrained` that refuses a checkpoint whose keys do not match (transformers only warns and
+    leaves those tensors random: a published SPM file renamed `pytorch_model.bin` would score around 0)."""
+    clip, info = CLIPModel.from_pretrained(path, output_loading_info=True, **load_kwargs)
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.endswith("position_ids")]
+    mismatched = [str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys", [])]
+    if missing or unexpected or mismatched:
+        hint = ""
+        if any(k.startswith("model.") for k in unexpected):
+            hint = (" This looks like a published step-aware preference model file: convert it with "
+                    "`spo convert spm --ckpt FILE --base PICKSCORE --processor CLIP_PROCESSOR --out DIR`.")
+        detail = describe_keys(missing, unexpected)
+        if mismatched:
+            detail += ("; " if detail else "") + f"shape mismatch for {', '.join(mismatched[:8])}"
+        raise CheckpointKeyError(f"{path}: the CLIP checkpoint does not match its config: {detail}.{hint}")
+    return clip
 
 
 def _image_stats(folder: Path) -> tuple[list[float], list[float]] | None:

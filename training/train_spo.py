@@ -12,6 +12,7 @@ Checkpoints: OUT/checkpoints/step-N/, N counting batches (SPO iterations), not o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -79,17 +80,21 @@ class SPORun:
     last_pairs: tuple[StepPairs, PromptBatch] | None = None  # trained on again when a batch keeps no pair
 
 
-def setup_models(p: SPOPreset, base: Path, seed: int, full_unet: bool) -> SPORun:
-    """The base pipeline, frozen in half precision on GPU, with a LoRA (or the whole UNet) to train."""
+def setup_models(p: SPOPreset, base: Path, seed: int, full_unet: bool, vae: str | None = None) -> SPORun:
+    """The base pipeline, frozen in half precision on GPU, with a LoRA (or the whole UNet) to train.
+
+    `vae` replaces the pipeline's VAE (folder or hub id): an SDXL base sampled in fp16 needs the fp16-fix VAE, or its
+    previews (what the SPM scores) overflow; `p.vae_fp32` keeps the VAE in fp32 instead.
+    """
     from accelerate.utils import set_seed
 
     from service.worker.pipeline import load_pipeline
 
-    accelerator = make_accelerator(p.mixed_precision, p.grad_accumulation)
+    accelerator = make_accelerator(p.mixed_precision)  # accumulation is train_on_pairs' own (all kept pairs)
     set_seed(seed)  # the same on every process: sampling noise is per prompt, not per device
     dtype = weight_dtype(accelerator)
-    pipe = load_pipeline(str(base), device=accelerator.device)
-    pipe.vae.to(dtype=dtype)
+    pipe = load_pipeline(str(base), vae=vae, device=accelerator.device)
+    pipe.vae.to(dtype=torch.float32 if p.vae_fp32 else dtype)
     for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if enc is not None:
             enc.requires_grad_(False).to(dtype=dtype)
@@ -176,7 +181,8 @@ def sample_step_pairs(accelerator: Accelerator, pipe: Pipeline, unet: torch.nn.M
 
     def timed_score(x: torch.Tensor, idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s0 = time.perf_counter()
-        scores = scorer(x, idx, t)
+        with torch.autocast(x.device.type, enabled=False) if p.vae_fp32 else contextlib.nullcontext():
+            scores = scorer(x.float() if p.vae_fp32 else x, idx, t)
         spent[0] += time.perf_counter() - s0
         return scores
 
@@ -192,35 +198,108 @@ def sample_step_pairs(accelerator: Accelerator, pipe: Pipeline, unet: torch.nn.M
     return result, pb, {"scoring_s": spent[0], "sampling_s": time.perf_counter() - started - spent[0]}
 
 
-def train_on_pairs(accelerator: Accelerator, unet: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   params: list[torch.nn.Parameter], scheduler: SchedulerMixin, pairs: StepPairs, pb: PromptBatch,
-                   p: SPOPreset, generator: torch.Generator, ref_unet: UNet2DConditionModel | None = None
-                   ) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
-    """Step 2: a fixed number of optimizer steps on minibatches drawn from the kept pairs.
+@dataclass(frozen=True)
+class StepShare:
+    """One optimizer step of a batch as every process sees it: how many pairs each process trains on in it and
+    how many forward/backward passes everyone runs (the most any process needs)."""
 
-    The reference is the same UNet with its LoRA disabled, or `ref_unet` for a full fine-tune.
-    Returns the losses and the win/lose probability ratios (policy / reference) of every step.
+    step: int  # which of the batch's optimizer steps
+    counts: tuple[int, ...]  # per process
+    passes: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def select_pairs(pairs: StepPairs, index: torch.Tensor) -> StepPairs:
+    index = index.to(pairs.timestep.device)
+    return StepPairs(*(getattr(pairs, f)[index] for f in StepPairs.__dataclass_fields__))
+
+
+def plan_steps(kept: list[int], steps: int, micro_batch: int) -> list[StepShare]:
+    """Spread every process's kept pairs over `steps` optimizer steps (near-equal chunks, each pair once).
+
+    Every process computes the same plan from the gathered counts, so all take the same optimizer steps and the same
+    number of passes (a process short of pairs runs zero-weight passes): no process waits for a DDP gradient
+    all-reduce that another skips. A step no process has pairs for is skipped by all.
     """
+    chunks = [[len(c) for c in np.array_split(np.arange(n), steps)] for n in kept]
+    plan = [StepShare(s, tuple(c[s] for c in chunks), max(math.ceil(c[s] / micro_batch) for c in chunks))
+            for s in range(steps)]
+    return [share for share in plan if share.total]
+
+
+def kept_counts(accelerator: Accelerator, n: int) -> list[int]:
+    """Every process's number of pairs to train on this batch (the same list on every process)."""
+    if accelerator.num_processes == 1:
+        return [n]
+    return [int(v) for v in accelerator.gather(torch.tensor([n], device=accelerator.device)).tolist()]
+
+
+def placeholder_pairs(scheduler: SchedulerMixin, shape: tuple[int, ...], device: torch.device) -> StepPairs:
+    """One all-zero transition at a sampled timestep: the input of a zero-weight pass on a process that has never
+    kept a pair (finite, so 0 x its gradient is 0)."""
+    x = torch.zeros(1, *shape, device=device)
+    t = torch.as_tensor(scheduler.timesteps[len(scheduler.timesteps) // 2], device=device).reshape(1).long()
+    return StepPairs(x, x, t, x, x, torch.zeros(1, dtype=torch.long, device=device))
+
+
+def train_on_pairs(accelerator: Accelerator, unet: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   params: list[torch.nn.Parameter], scheduler: SchedulerMixin, pairs: StepPairs | None,
+                   pb: PromptBatch, p: SPOPreset, generator: torch.Generator,
+                   ref_unet: UNet2DConditionModel | None = None) -> tuple[list[float], list[torch.Tensor],
+                                                                           list[torch.Tensor]]:
+    """Step 2: `optimizer_steps_per_batch` optimizer steps over all of this batch's kept pairs (§4.6).
+
+    Each step minimises the mean SPO loss over the pairs all processes train on in it: a process scales its pairs'
+    summed loss by world / (pairs in the step), so DDP's gradient average is that mean whatever each process kept.
+    The reference is the same UNet with its LoRA disabled, or `ref_unet` for a full fine-tune. Returns the mean loss
+    of every step (over all processes) and this process's win/lose probability ratios (policy / reference).
+    """
+    n = len(pairs) if pairs is not None else 0
+    plan = plan_steps(kept_counts(accelerator, n), p.optimizer_steps_per_batch, p.micro_batch)
+    if not plan:
+        return [], [], []
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    order = torch.randperm(n, generator=generator).to(device) if n else torch.zeros(0, dtype=torch.long, device=device)
+    if pairs is None:
+        model = accelerator.unwrap_model(unet)
+        filler = placeholder_pairs(scheduler, (model.config.in_channels, model.config.sample_size,
+                                               model.config.sample_size), device)
+    else:
+        filler = select_pairs(pairs, order[:1])
+    chunks = torch.tensor_split(order, p.optimizer_steps_per_batch)  # the sizes plan_steps assumed
     losses, ratios_w, ratios_l = [], [], []
     unet.train()
-    for _ in range(p.optimizer_steps_per_batch):
-        sel = torch.randint(len(pairs), (p.pairs_per_step,), generator=generator).to(pairs.timestep.device)
-        mini = StepPairs(*(getattr(pairs, f)[sel] for f in StepPairs.__dataclass_fields__))
-        with accelerator.accumulate(unet):
-            with accelerator.autocast():
-                logp_w, logp_l = pair_log_probs(unet, scheduler, mini, pb, p)
-                with torch.no_grad(), reference_model(accelerator.unwrap_model(unet), ref_unet is None,
-                                                      ref_unet) as ref:
-                    ref_w, ref_l = pair_log_probs(ref, scheduler, mini, pb, p)
-            loss = spo_loss(logp_w, ref_w, logp_l, ref_l, p.beta, p.clip_eps)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, p.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        ratios_w.append(torch.exp(logp_w - ref_w).detach().float())
-        ratios_l.append(torch.exp(logp_l - ref_l).detach().float())
+    for share in plan:
+        idx_all = chunks[share.step]
+        assert len(idx_all) == share.counts[rank]
+        weight = world / share.total
+        loss_sum = torch.zeros((), device=device)
+        for k in range(share.passes):
+            idx = idx_all[k * p.micro_batch:(k + 1) * p.micro_batch]
+            real = len(idx) > 0
+            mini = select_pairs(pairs, idx) if real and pairs is not None else filler
+            sync = k == share.passes - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(unet):
+                with accelerator.autocast():
+                    logp_w, logp_l = pair_log_probs(unet, scheduler, mini, pb, p)
+                    with torch.no_grad(), reference_model(accelerator.unwrap_model(unet), ref_unet is None,
+                                                          ref_unet) as ref:
+                        ref_w, ref_l = pair_log_probs(ref, scheduler, mini, pb, p)
+                per_pair = spo_loss(logp_w, ref_w, logp_l, ref_l, p.beta, p.clip_eps, reduction="none")
+                accelerator.backward(per_pair.sum() * (weight if real else 0.0))
+            if real:
+                loss_sum += per_pair.detach().sum()
+                ratios_w.append(torch.exp(logp_w - ref_w).detach().float())
+                ratios_l.append(torch.exp(logp_l - ref_l).detach().float())
+        accelerator.clip_grad_norm_(params, p.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss = accelerator.reduce(loss_sum, "sum") if world > 1 else loss_sum
+        losses.append(float(total_loss) / share.total)
     return losses, ratios_w, ratios_l
 
 
@@ -237,18 +316,17 @@ def spo_iteration(run: SPORun, p: SPOPreset, plan: PromptPlan, batch: int, seed:
     started = time.perf_counter()
     if result.pairs is not None:
         run.last_pairs = (result.pairs, pb)
-    losses: list[float] = []
-    ratios_w: list[torch.Tensor] = []
-    ratios_l: list[torch.Tensor] = []
-    if run.last_pairs is not None:
-        losses, ratios_w, ratios_l = train_on_pairs(acc, run.unet, run.optimizer, run.params, run.pipe.scheduler,
-                                                    *run.last_pairs, p, prompt_generators(seed, epoch, [batch], 2)[0],
-                                                    run.ref_unet)
+    pairs, pairs_pb = run.last_pairs if run.last_pairs is not None else (None, pb)
+    # Every process calls this, pairs or not: the optimizer steps (and DDP's all-reduces) must line up.
+    losses, ratios_w, ratios_l = train_on_pairs(acc, run.unet, run.optimizer, run.params, run.pipe.scheduler, pairs,
+                                                pairs_pb, p, prompt_generators(seed, epoch, [batch], 2)[0],
+                                                run.ref_unet)
     timings["training_s"] = time.perf_counter() - started
     rw = torch.cat(ratios_w) if ratios_w else torch.ones(1)
     rl = torch.cat(ratios_l) if ratios_l else torch.ones(1)
     return {"batch": batch, "epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
             "keep_rate": result.keep_rate, "pairs": len(result.pairs) if result.pairs else 0,
+            "optimizer_steps": len(losses),
             "ratio_win_mean": rw.mean().item(), "ratio_lose_mean": rl.mean().item(),
             "ratio_abs_dev_max": max((rw - 1).abs().max().item(), (rl - 1).abs().max().item()), **timings}
 
@@ -256,28 +334,37 @@ def spo_iteration(run: SPORun, p: SPOPreset, plan: PromptPlan, batch: int, seed:
 # ------------------------------------------------------------------------------------------------------- the run
 
 
-def train_spo(preset: str, base: Path, out: Path, *, spm: Path | None = None, scorer: str = "spm",
+ScorerFactory = Callable[[SPORun], Callable[[list[str]], Scorer]]
+
+
+def train_spo(preset: str, base: Path, out: Path, *, spm: Path | None = None, scorer: str | ScorerFactory = "spm",
               prompts: list[str] | None = None, seed: int = 42, full_unet: bool = False, resume: bool = False,
               max_batches: int | None = None, max_minutes: float | None = None, snapshot_every: int = 0,
-              overrides: dict[str, Any] | None = None) -> Path:
+              vae: str | None = None, overrides: dict[str, Any] | None = None) -> Path:
     """Fine-tune `base` with SPO; writes a diffusers LoRA (or UNet folder) and a served-model manifest entry.
 
-    `max_minutes` budgets the training compute (sampling, scoring, optimizer steps, checkpoints; summed over resumed
-    runs), not held-out evaluation or snapshots; `snapshot_every` keeps the weights every N batches in OUT/snapshots/.
+    `prompts`: the training prompts (default: the shapes world's training captions; the held-out rater evaluation
+    runs only then). `scorer`: spm, rater, lookahead, or a callable run -> (prompts -> Scorer) for programmatic
+    use. `max_minutes` budgets the training compute (sampling, scoring, optimizer steps, checkpoints; summed over
+    resumed runs), not held-out evaluation or snapshots; `snapshot_every` keeps the weights every N batches in
+    OUT/snapshots/.
     """
     if preset not in SPO_PRESETS:
         raise ValueError(f"--preset must be one of {sorted(SPO_PRESETS)}, got {preset!r}")
-    if scorer not in SCORERS:
+    if not callable(scorer) and scorer not in SCORERS:
         raise ValueError(f"--scorer must be spm, rater or lookahead, got {scorer!r}")
+    if prompts is not None and not prompts:
+        raise ValueError("--prompts: no prompts to train on")
     if scorer == "spm" and spm is None:
         raise ValueError("--spm is required with --scorer spm")
     p, out = replace(SPO_PRESETS[preset], **(overrides or {})), Path(out)
     ckpt_dir, log_path = out / CHECKPOINTS, out / "spo_log.jsonl"
     refuse_old_spo_layout(out, resume)
     refuse_foreign_checkpoints(ckpt_dir, resume)  # pruning by step would delete the new run's checkpoints
-    run = setup_models(p, base, seed, full_unet)
+    run = setup_models(p, base, seed, full_unet, vae)
     acc, rank = run.accelerator, run.accelerator.process_index
-    scorer_for = scorer_for_prompts(scorer, spm, run, p.guidance)
+    scorer_for = scorer(run) if callable(scorer) else scorer_for_prompts(scorer, spm, run, p.guidance)
+    shapes_world = prompts is None
     plan = PromptPlan.make(prompts or [caption_for(*c) for c in TRAIN_COMBOS], p, acc.num_processes, max_batches)
     state = resume_state(acc, ckpt_dir, {"batch": 0, "train_seconds": 0.0}, resume,
                          must_match={"seed": seed, "preset": preset})
@@ -296,7 +383,7 @@ def train_spo(preset: str, base: Path, out: Path, *, spm: Path | None = None, sc
         with budget.counting():
             record = spo_iteration(run, p, plan, state["batch"], seed, scorer_for)
         state["batch"] += 1
-        if p.eval_every and (state["batch"] % p.eval_every == 0 or state["batch"] == plan.total):
+        if shapes_world and p.eval_every and (state["batch"] % p.eval_every == 0 or state["batch"] == plan.total):
             run.unet.eval()
             record.update({f"heldout_{k}": v for k, v in heldout_rating(run.pipe).items()})
         if acc.is_main_process:
@@ -318,8 +405,8 @@ def train_spo(preset: str, base: Path, out: Path, *, spm: Path | None = None, sc
 
     finish(run, p, out, base, full_unet, budget, {
         "batches": state["batch"], "planned_batches": plan.total, "processes": acc.num_processes},
-        {"method": "spo", "preset": preset, "seed": seed, "scorer": scorer, "spm": str(spm) if spm else None,
-         "rater_version": RATER_VERSION})
+        {"method": "spo", "preset": preset, "seed": seed, "scorer": scorer if isinstance(scorer, str) else "custom",
+         "spm": str(spm) if spm else None, "vae": vae, "prompts": len(plan.prompts), "rater_version": RATER_VERSION})
     return out
 
 

@@ -8,6 +8,7 @@ loads weights from it, so the tiny local models and the published hub checkpoint
         kind: sd15                    # sd15 | sdxl
         base: ./spo-tiny              # local diffusers folder (relative to this file) or a hub id "org/name"
         lora: null                    # optional LoRA (local path or hub id), fused into the UNet at load
+        weight_name: null             # the LoRA's file in that folder / hub repo, when not pytorch_lora_weights.*
         lora_scale: 1.0
         unet: null                    # optional UNet folder replacing the base's (a full fine-tune)
         vae: null                     # optional VAE override, e.g. madebyollin/sdxl-vae-fp16-fix
@@ -75,6 +76,8 @@ class ModelSpec(BaseModel):
     kind: Literal["sd15", "sdxl"]
     base: str
     lora: str | None = None
+    weight_name: str | None = Field(None, description="the LoRA's file name inside `lora` (a folder or hub repo) "
+                                                       "when it is not diffusers' pytorch_lora_weights.safetensors")
     lora_scale: float = 1.0
     unet: str | None = None
     vae: str | None = None
@@ -121,6 +124,12 @@ class ModelSpec(BaseModel):
         if self.compile_vae_decoder and self.backend not in VAE_DECODER_BACKENDS:
             raise ValueError(f"compile_vae_decoder needs backend {' or '.join(VAE_DECODER_BACKENDS)}, "
                              f"not {self.backend!r}")
+        if self.weight_name is not None and self.lora is None:
+            raise ValueError("weight_name names a file of the LoRA: give lora too")
+        if self.weight_name is not None and ("/" in self.weight_name or not self.weight_name.endswith(
+                (".safetensors", ".bin"))):
+            raise ValueError(f"weight_name {self.weight_name!r} must be a .safetensors or .bin file name in the LoRA "
+                             f"folder or repo")
         if self.cuda_graphs and self.backend not in CUDA_GRAPH_BACKENDS:
             raise ValueError(f"cuda_graphs needs backend {' or '.join(CUDA_GRAPH_BACKENDS)}, not {self.backend!r}")
         return self

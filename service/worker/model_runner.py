@@ -41,7 +41,7 @@ class ModelRunner:
         started = time.perf_counter()
         spec = self.spec
         pipe = load_pipeline(spec.base, lora=spec.lora, lora_scale=spec.lora_scale, vae=spec.vae, unet=spec.unet,
-                             dtype=DTYPES[spec.dtype], device=self.device)
+                             dtype=DTYPES[spec.dtype], device=self.device, lora_weight_name=spec.weight_name)
         pipe.unet = self.backend.prepare(pipe, spec)
         if spec.compile_vae_decoder:
             pipe.vae.decoder = self.backend.prepare_vae_decoder(pipe, spec)

@@ -61,11 +61,15 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     local_files_only: bool | None = None,
     unet: str | None = None,
+    lora_weight_name: str | None = None,
 ) -> Pipeline:
     """Load a local diffusers folder or a hub id (when the hub is reachable), swap the VAE (and the UNet, for a full
     fine-tune saved as a UNet folder), fuse the LoRA.
 
     The LoRA is fused into the UNet weights (and unloaded) so inference and compiled backends see one plain UNet.
+    `lora_weight_name` is its file inside the folder or hub repo when that is not diffusers' default name (the
+    published SPO LoRAs). Hub ids resolve through the Hugging Face cache, so with `HF_HUB_OFFLINE=1` a pre-filled
+    cache is enough.
     """
     if is_local_ref(base):
         path = Path(base).expanduser()
@@ -95,7 +99,8 @@ def load_pipeline(
         pipe.safety_checker = None
     if lora is not None:
         try:
-            pipe.load_lora_weights(lora, adapter_name="default", local_files_only=is_local_ref(lora))
+            extra = {"weight_name": lora_weight_name} if lora_weight_name else {}
+            pipe.load_lora_weights(lora, adapter_name="default", local_files_only=is_local_ref(lora), **extra)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load LoRA {lora!r}: {err}") from err
         pipe.fuse_lora(lora_scale=lora_scale)

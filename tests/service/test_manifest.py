@@ -66,7 +66,10 @@ def test_published_models_load_through_the_shared_code_path(monkeypatch):
     by_base = {base: kw for base, kw in calls}
     lora = by_base["stabilityai/stable-diffusion-xl-base-1.0"]
     assert lora == {"lora": "SPO-Diffusion-Models/SPO-SDXL_4k-p_10ep_LoRA", "lora_scale": 1.0, "unet": None,
-                    "vae": "madebyollin/sdxl-vae-fp16-fix", "dtype": torch.float16, "device": "cuda"}
+                    "vae": "madebyollin/sdxl-vae-fp16-fix", "dtype": torch.float16, "device": "cuda",
+                    "lora_weight_name": "spo_sdxl_10ep_4k-data_lora_diffusers.safetensors"}
+    assert by_base["runwayml/stable-diffusion-v1-5"]["lora_weight_name"] == (
+        "spo-sd-v1-5_4k-p_10ep_lora_diffusers.safetensors")
     assert by_base["SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep"]["lora"] is None
 
 
