@@ -84,7 +84,8 @@ def heldout_rating(pipe: Pipeline, n: int = 20, seed: int = 777) -> dict[str, fl
     with torch.no_grad():
         _, records = generate_and_rate(pipe, items, batch=n, desc="held-out eval")
     s = summarise(records)["heldout"]
-    return {"quality": s["quality"], "alignment": s["alignment"], "all_right": s["all_right"]}
+    return {"total": s["total"], "framing": s["framing"], "quality": s["quality"], "alignment": s["alignment"],
+            "all_right": s["all_right"]}
 
 
 def labelled_grid(images: list[np.ndarray], labels: list[str], cols: int = 8, scale: int = 2) -> Image.Image:

@@ -342,5 +342,6 @@ def finish(run: DPORun, p: DPOPreset, out: Path, base: Path, info: dict[str, Any
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     save_result(run.pipe, run.accelerator.unwrap_model(run.unet), out, False, base, pipeline_kind(run.pipe), config,
                 "dpo_config.json")
-    save_curves(out / "dpo_log.jsonl", out / "dpo_curves.png", keys=("loss", "implicit_acc", "heldout_quality"),
+    save_curves(out / "dpo_log.jsonl", out / "dpo_curves.png",
+                keys=("loss", "implicit_acc", "heldout_total", "heldout_quality"),
                 smooth=max(1, min(25, p.steps // 20)))

@@ -427,6 +427,7 @@ def finish(run: SPORun, p: SPOPreset, out: Path, base: Path, full_unet: bool, bu
         log_path = out / "spo_log.jsonl"
         if log_path.exists():
             save_curves(log_path, out / "spo_curves.png",
-                        keys=("loss", "keep_rate", "ratio_win_mean", "ratio_lose_mean", "heldout_quality"), smooth=5,
+                        keys=("loss", "keep_rate", "ratio_win_mean", "ratio_lose_mean", "heldout_total",
+                              "heldout_quality"), smooth=5,
                         step_key="batch")
     acc.end_training()
