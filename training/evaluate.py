@@ -206,16 +206,17 @@ def evaluate_models(models: dict[str, tuple[str, str | None]], out: Path, n_held
     lines = [f"# Evaluation: {', '.join(names)}", "",
              f"{len(items)} images per model (DDIM {steps} steps, CFG {guidance}, fixed seeds).", "",
              "| model | split | background | colour | shape | all right | uniformity | crispness | clean | regularity "
-             "| quality | alignment |", "|---" * 12 + "|"]
+             "| quality | alignment | size | placement | framing | total |", "|---" * 16 + "|"]
     for name in names:
         for split, s in summary[name].items():
             lines.append(f"| {name} | {split} | " + " | ".join(f"{s[k]:.3f}" for k in (
                 "background", "colour", "shape", "all_right", "uniformity", "crispness", "clean", "regularity",
-                "quality", "alignment")) + " |")
-    lines += ["", f"Win-rate against {baseline} (ties count half; 95% Wilson interval):", "",
-              "| model | quality | alignment | total |", "|---|---|---|---|"]
+                "quality", "alignment", "size", "placement", "framing", "total")) + " |")
+    keys = ("quality", "alignment", "framing", "total")
+    lines += ["", f"Win-rate against {baseline} (rater v{RATER_VERSION}; ties count half; 95% Wilson interval):", "",
+              "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, comp in comparisons.items():
-        cells = [f"{c['win_rate']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]" for c in comp.values()]
+        cells = [f"{comp[k]['win_rate']:.3f} [{comp[k]['ci_low']:.3f}, {comp[k]['ci_high']:.3f}]" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
