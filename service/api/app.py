@@ -209,7 +209,7 @@ def model_card(spec: ModelSpec, tokenizer: PromptTokenizer) -> ModelCard:
     return ModelCard(id=spec.name, created=STARTED, kind=spec.kind, description=spec.description, sizes=spec.sizes,
                      default_size=spec.defaults.size, default_steps=spec.defaults.steps,
                      default_guidance=spec.defaults.guidance, max_n=spec.max_n, max_steps=spec.max_steps,
-                     guidance_range=spec.guidance_range, max_prompt_tokens=tokenizer.max_tokens)
+                     guidance_range=list(spec.guidance_range), max_prompt_tokens=tokenizer.max_tokens)
 
 
 # -- routes -----------------------------------------------------------------------------------------------------

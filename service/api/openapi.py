@@ -76,7 +76,12 @@ _IMAGE_CONTENT = {media: {"schema": {"type": "string", "format": "binary"}}
                   for media in ("image/png", "image/jpeg", "image/webp")}
 _SPECIAL_CONTENT: dict[tuple[str, str], dict[str, Any]] = {
     ("get", "/v1/jobs/{job_id}/images/{k}"): _IMAGE_CONTENT,
-    ("get", "/v1/jobs/{job_id}/events"): {"text/event-stream": {"schema": {"type": "string"}}},
+    ("get", "/v1/jobs/{job_id}/events"): {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "description": "one event: `status` {status}, `progress` {step, total}, then `end` (the final job view, or "
+                       "{id, status: expired|lost}); `data` is JSON",
+        "properties": {"event": {"type": "string", "enum": ["status", "progress", "end"]},
+                       "data": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}}},
     ("get", "/metrics"): {"text/plain": {"schema": {"type": "string"}}},
     ("get", "/healthz"): {"application/json": {"schema": {
         "type": "object", "properties": {"status": {"type": "string", "enum": ["ok"]}}, "required": ["status"]}}},
@@ -96,6 +101,24 @@ DESCRIPTION = (
     "plus asynchronous jobs. Errors are `{\"error\": {\"type\", \"message\", \"param\", \"code\"}}`. The server also "
     "answers 431 when a request's line and headers exceed SPO_MAX_HEADER_BYTES and 408 when a request does not "
     "arrive within SPO_REQUEST_TIMEOUT_S of its first byte (then it closes the connection).")
+
+
+# Where a created job's id is used next (schemathesis' stateful phase follows these).
+_JOB_ROUTES = {"GetJob": ("get", "/v1/jobs/{job_id}"), "JobEvents": ("get", "/v1/jobs/{job_id}/events"),
+               "CancelJob": ("post", "/v1/jobs/{job_id}/cancel"), "JobImage": ("get", "/v1/jobs/{job_id}/images/{k}")}
+_LINKED = {("post", "/v1/jobs"): ("202", "$response.body#/id"),
+           ("post", "/v1/images/generations"): ("200", "$response.body#/job_id")}
+
+
+def _links(doc: dict[str, Any]) -> None:
+    ids = {name: doc["paths"].get(path, {}).get(method, {}).get("operationId") for name, (method, path)
+           in _JOB_ROUTES.items()}
+    for (method, path), (status, expression) in _LINKED.items():
+        response = doc["paths"].get(path, {}).get(method, {}).get("responses", {}).get(status)
+        if response is None:
+            continue
+        response["links"] = {name: {"operationId": op_id, "parameters": {"job_id": expression, **(
+            {"k": 0} if name == "JobImage" else {})}} for name, op_id in ids.items() if op_id}
 
 
 def size_pattern(sizes: Sequence[str]) -> str:
@@ -175,6 +198,7 @@ def build(app: FastAPI, settings: Settings, specs: Sequence[ModelSpec], tokenize
             for param in operation.get("parameters", []):
                 if param.get("name") == "k" and param.get("in") == "path":
                     param["schema"]["maximum"] = max_index
+    _links(doc)
     return doc
 
 

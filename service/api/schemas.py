@@ -13,9 +13,9 @@ writes those limits into the OpenAPI schema of the deployment.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**32 - 1
@@ -30,6 +30,17 @@ Complexity = Literal["low", "medium", "high"]
 Background = Literal["auto", "opaque"]  # "transparent": no alpha channel in these models' output
 
 
+def _integral(value: object) -> object:
+    """JSON Schema's integer: 4 or 4.0, never 4.5, "4" or true (those fail the strict int check after this)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# After the constraints in Annotated[int, Field(...), WHOLE], so the schema keeps them as minimum / maximum.
+WHOLE = BeforeValidator(_integral)
+
+
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -37,12 +48,12 @@ class ImageGenerationRequest(BaseModel):
                         description="what to draw: not blank, at most the model's `max_prompt_tokens` CLIP tokens "
                                     "(GET /v1/models; start and end tokens included)")
     model: str | None = Field(None, description="served model id (GET /v1/models); default: the first one")
-    n: int = Field(1, ge=1, description="images to generate, 1..the model's max_n")
+    n: Annotated[int, Field(ge=1), WHOLE] = Field(1, description="images to generate, 1..the model's max_n")
     size: str | None = Field(None, description="'WIDTHxHEIGHT', one of the model's sizes, or 'auto' (the model's "
                                                "default size)")
     response_format: Literal["b64_json", "url"] = Field("b64_json", description="inline base64 image or a link")
     output_format: OutputFormat | None = Field(None, description="image encoding (default png)")
-    output_compression: int | None = Field(None, ge=0, le=100,
+    output_compression: Annotated[int, Field(ge=0, le=100), WHOLE] | None = Field(None,
                                            description="jpeg/webp quality in percent (100: best, the default); "
                                                        "ignored for png")
     quality: Quality | None = Field(None, description="accepted for OpenAI compatibility; every value renders the "
@@ -63,9 +74,10 @@ class ImageGenerationRequest(BaseModel):
     frame_duration_ms: None = Field(None, description="gif output only: not supported (only null)")
     svg: None = Field(None, description="svg output only: not supported (only null)")
     negative_prompt: str = Field("", max_length=4000, description="what to steer away from")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), WHOLE] | None = Field(None,
                              description="seed of image 0; image i uses seed + i; default: random (returned)")
-    num_inference_steps: int | None = Field(None, ge=1, description="denoising steps, 1..the model's max_steps")
+    num_inference_steps: Annotated[int, Field(ge=1), WHOLE] | None = Field(
+        None, description="denoising steps, 1..the model's max_steps")
     guidance_scale: float | None = Field(None, allow_inf_nan=False,
                                          description="classifier-free guidance scale, in the model's guidance_range")
     priority: Priority = Field("normal", description="queue priority")
@@ -87,6 +99,7 @@ class ImageGenerationRequest(BaseModel):
     @field_validator("partial_images", mode="before")
     @classmethod
     def _an_integer(cls, value: object) -> object:
+        value = _integral(value)
         if value is not None and type(value) is not int:  # Literal[0] alone would take false
             raise PydanticCustomError("int_type", "Input should be a valid integer")
         return value
@@ -191,7 +204,7 @@ class ModelCard(BaseModel):
     default_guidance: float
     max_n: int
     max_steps: int
-    guidance_range: tuple[float, float]
+    guidance_range: list[float] = Field(min_length=2, max_length=2, description="[low, high]")
     max_prompt_tokens: int
 
 

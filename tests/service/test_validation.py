@@ -32,7 +32,7 @@ BAD_BODIES = [
     ({"prompt": PROMPT, "response_format": "jpeg"}, 400, "response_format", "invalid_value"),
     ({"prompt": PROMPT, "seed": -1}, 400, "seed", "integer_below_min_value"),
     ({"prompt": PROMPT, "seed": 2**40}, 400, "seed", "integer_above_max_value"),
-    ({"prompt": PROMPT, "seed": 1.5}, 400, "seed", "invalid_type"),
+    ({"prompt": PROMPT, "seed": 1.5}, 400, "seed", "invalid_type"),  # (1.0 is an integer, as in JSON Schema)
     ({"prompt": PROMPT, "priority": "urgent"}, 400, "priority", "invalid_value"),
     ({"prompt": PROMPT, "bogus": 1}, 400, "bogus", "unknown_parameter"),
     # OpenAI parameters whose value this server cannot honour: refused as OpenAI does, naming them
