@@ -160,13 +160,17 @@ def _cmd_api(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings, manifest, models = _serving_settings(args, parser)
     if not settings.redis_url:
         parser.error("argument --redis-url: required (or set SPO_REDIS_URL); `spo serve` starts a private Redis")
-    import uvicorn
-
     from service.api.app import create_app
+    from service.api.server import run_api
+    from service.contracts.config import ConfigError
 
-    app = create_app(settings.model_copy(update={"models": models}), manifest)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None,  # its records go to our handler (one format)
-                log_level=logging.getLevelName(logging.getLogger().level).lower())
+    settings = settings.model_copy(update={"models": models})
+    try:
+        app = create_app(settings, manifest)
+    except ConfigError as err:
+        parser.error(str(err))
+    run_api(app, settings, host=args.host, port=args.port,
+            log_level=logging.getLevelName(logging.getLogger().level).lower())
     return 0
 
 

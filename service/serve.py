@@ -110,6 +110,7 @@ def serve(settings: Settings, models: list[str], *, host: str, port: int, worker
     for sig in (signal.SIGTERM, signal.SIGINT):  # so that cleanup below always runs
         signal.signal(sig, _raise_stop)
     try:
+        settings.load_api_keys()  # a keys setting that yields no key stops here, before any worker loads (ConfigError)
         for model in models:
             cmd = [sys.executable, "-m", "service.cli", "worker", "--model", model, *worker_args]
             procs.append(subprocess.Popen(cmd, env=env, cwd=Path.cwd(), preexec_fn=_worker_preexec))
@@ -118,15 +119,15 @@ def serve(settings: Settings, models: list[str], *, host: str, port: int, worker
         _wait_for_workers(settings, models, procs, ready_timeout)
         log.info("worker(s) ready")
 
-        import uvicorn
-
         from service.api.app import create_app
+        from service.api.server import run_api
 
-        app = create_app(settings.model_copy(update={"models": models}))
+        api_settings = settings.model_copy(update={"models": models})
+        app = create_app(api_settings)
         threading.Thread(target=_watch, args=(procs, stopping), daemon=True).start()
         with contextlib.suppress(_Stop):  # uvicorn shut down gracefully, then re-raised the signal
-            uvicorn.run(app, host=host, port=port, log_config=None,  # its records go to our handler (one format)
-                        log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
+            run_api(app, api_settings, host=host, port=port,
+                    log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
     except _Stop as sig:
         log.info("%s before the API started; stopping", sig)
     except RuntimeError as err:

@@ -5,8 +5,14 @@ event (no polling), `POST /v1/jobs` enqueues and returns at once. Requests are v
 bad request never reaches the queue.
 
 Routes: /v1/images/generations, /v1/jobs, /v1/jobs/{id}, /v1/jobs/{id}/events (SSE), /v1/jobs/{id}/cancel,
-/v1/jobs/{id}/images/{k}, /v1/models, /v1/models/{id} (auth + rate limit when keys are set); /healthz, /readyz,
-/metrics, /docs (open).
+/v1/jobs/{id}/images/{k}, /v1/models, /v1/models/{id}, and /v1/images/edits and /v1/images/variations, which answer
+that they are not supported (auth + rate limit when keys are set); /healthz, /readyz, /metrics, /docs (open).
+
+Client retries never multiply work on the sync route: its answers that a retry would repeat (504 timeout, 500
+failed generation, 409 cancelled, 404 expired) say `x-should-retry: false` (the OpenAI SDKs obey it), and a retry the
+client makes anyway (`x-stainless-retry-count` >= 1, sent by those SDKs) rejoins the caller's latest job with the same
+request fingerprint instead of queueing another; an `Idempotency-Key` works as on /v1/jobs. The OpenAPI document is
+the deployment's (`openapi.install`): the served models' limits, every status, the bearer scheme when auth is on.
 """
 
 from __future__ import annotations
@@ -16,36 +22,37 @@ import base64
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api import images, openapi
 from service.api.auth import Authenticator
 from service.api.errors import ApiError, BodyTooLarge, error_response, install_error_handlers
 from service.api.events import EventHub
 from service.api.playground import mount_playground
 from service.api.schemas import (
-    ErrorResponse,
     ImageData,
     ImageGenerationRequest,
     ImagesResponse,
+    InputTokensDetails,
     JobRequest,
     JobView,
     ModelCard,
     ModelList,
     Progress,
     Timings,
+    Usage,
 )
-from service.api.validation import PromptTokenizer, fingerprint, validate_request
+from service.api.validation import PromptTokenizer, fingerprint, prompt_tokens, validate_request
 from service.contracts import metrics
 from service.contracts.config import Settings
 from service.contracts.manifest import Manifest, ModelSpec, load_manifest
@@ -111,14 +118,16 @@ async def caller(request: Request, authorization: str | None = Header(None, incl
 
 
 class BodySizeLimit:
-    """Rejects bodies over `max_bytes` with 413: by Content-Length up front, else while they stream in."""
+    """Rejects bodies over `max_bytes` with 413: by Content-Length up front, else while they stream in. Paths in
+    `unread` are routes that never keep a body (they answer "not supported"), so a large upload there hears why."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, unread: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.unread = unread
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in self.unread:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
@@ -202,22 +211,36 @@ def model_card(spec: ModelSpec, tokenizer: PromptTokenizer) -> ModelCard:
     return ModelCard(id=spec.name, created=STARTED, kind=spec.kind, description=spec.description, sizes=spec.sizes,
                      default_size=spec.defaults.size, default_steps=spec.defaults.steps,
                      default_guidance=spec.defaults.guidance, max_n=spec.max_n, max_steps=spec.max_steps,
-                     guidance_range=spec.guidance_range, max_prompt_tokens=tokenizer.max_tokens)
+                     guidance_range=list(spec.guidance_range), max_prompt_tokens=tokenizer.max_tokens)
 
 
 # -- routes -----------------------------------------------------------------------------------------------------
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 503)
-}
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller)], responses=ERRORS)
+# Every status each route can answer is documented by `openapi.install` (one table there), not per decorator.
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 ops = APIRouter()
+NO_RETRY = {"x-should-retry": "false"}  # the OpenAI SDKs' header: retrying this answer would not help
+
+
+async def _missing_job(service: Service, job_id: str, headers: dict[str, str] | None = None) -> ApiError:
+    """The 404 for a job that is not in Redis, saying why when that can be told (job ids carry their origin)."""
+    reason = await service.queue.missing_reason(job_id)
+    if reason == "lost":
+        return ApiError(404, f"job {job_id!r} was lost: the queue (Redis) restarted without persistence after it was "
+                             f"created; submit it again", param="job_id", code="job_lost", headers=headers)
+    if reason == "expired":
+        return ApiError(404, f"job {job_id!r} expired (jobs are kept {service.settings.job_ttl_s} s)", param="job_id",
+                        code="job_expired", headers=headers)
+    return ApiError(404, f"job {job_id!r} not found (unknown, or expired)", param="job_id", code="job_not_found",
+                    headers=headers)
 
 
 async def _get_job(service: Service, job_id: str, caller_scope: str) -> Job:
     job = await service.queue.get(job_id)
+    if job is None:
+        raise await _missing_job(service, job_id)
     # A job is visible only to the key that created it (when auth is on).
-    if job is None or (service.auth.enabled and job.owner != caller_scope):
+    if service.auth.enabled and job.owner != caller_scope:
         raise ApiError(404, f"job {job_id!r} not found (unknown, or expired)", param="job_id", code="job_not_found")
     return job
 
@@ -241,42 +264,89 @@ async def _wait_finished(service: Service, job_id: str, events: asyncio.Queue, t
 
 
 async def _submit(service: Service, body: ImageGenerationRequest, scope: str, *, idempotency_key: str | None = None,
-                  need_worker: bool = False) -> tuple[Job, bool]:
-    """Validate, rate-limit and enqueue, in that order (bad input is a 400 even when nothing could serve it)."""
+                  need_worker: bool = False, rejoin: bool = False, remember: bool = False) -> tuple[Job, bool]:
+    """Validate, find a replay, rate-limit and enqueue, in that order (bad input is a 400 even when nothing could
+    serve it; a replay is neither counted by the rate limit nor queued again). A replay is the job of the same
+    Idempotency-Key, or with `rejoin` (a client's automatic retry) the caller's latest job with the same request
+    fingerprint, which `remember` records."""
     spec = service.spec(body.model)
     params = validate_request(body, spec, service.tokenizers[spec.name])
+    request_print = fingerprint(body)
+    replay = await _replayed(service, scope, request_print, idempotency_key, rejoin)
+    if replay is not None:
+        return replay, False
     await service.auth.check_rate(service.queue.redis, service.queue.keys, scope)
     if need_worker and not await service.queue.live_workers(spec.name, service.settings.worker_stale_s):
         raise ApiError(503, f"no worker is serving model {spec.name!r}; POST /v1/jobs queues jobs anyway",
                        param="model", type="service_unavailable", code="no_worker", headers={"Retry-After": "10"})
-    request_print = fingerprint(body)
     try:
         job_id, created = await service.queue.submit(
-            uuid.uuid4().hex, params, priority=body.priority, fingerprint=request_print, owner=scope,
-            idempotency=(scope, idempotency_key) if idempotency_key else None)
+            await service.queue.new_job_id(), params, priority=body.priority, fingerprint=request_print, owner=scope,
+            idempotency=(scope, idempotency_key) if idempotency_key else None,
+            remember=remember and not idempotency_key)
     except QueueFull as full:
         raise ApiError(429, f"model {spec.name!r} has {full.depth} jobs waiting or running (the limit); retry later",
                        type="rate_limit_error", code="queue_full",
                        headers={"Retry-After": str(full.retry_after)}) from None
     job = await service.queue.get(job_id)
     if job is None:
-        raise ApiError(404, f"job {job_id!r} for this Idempotency-Key has expired", param="Idempotency-Key")
+        raise ApiError(404, f"job {job_id!r} for this Idempotency-Key has expired", param="Idempotency-Key",
+                       code="job_expired")
     if not created and job.fingerprint != request_print:
         raise ApiError(422, "Idempotency-Key was already used with a different request", param="Idempotency-Key",
                        code="idempotency_key_reused")
     return job, created
 
 
+async def _replayed(service: Service, scope: str, request_print: str, idempotency_key: str | None,
+                    rejoin: bool) -> Job | None:
+    if idempotency_key:
+        job_id = await service.queue.idempotent_job(scope, idempotency_key)
+    elif rejoin:
+        job_id = await service.queue.recent_job(scope, request_print)
+    else:
+        return None
+    job = await service.queue.get(job_id) if job_id else None
+    if job is None:
+        return None  # never seen, or expired: submit (an expired Idempotency-Key job is reported by submit)
+    if job.fingerprint != request_print:
+        raise ApiError(422, "Idempotency-Key was already used with a different request", param="Idempotency-Key",
+                       code="idempotency_key_reused")
+    return job
+
+
+def _is_retry(request: Request) -> bool:
+    """A client's automatic retry of this same call: the OpenAI (Stainless) SDKs count their attempts."""
+    count = request.headers.get("x-stainless-retry-count", "0").strip()
+    return count.isdigit() and int(count) > 0
+
+
+async def _encoded(service: Service, job: Job, k: int) -> bytes | None:
+    png = await service.queue.image(job.id, k)
+    if png is None or job.params.output_format == "png":
+        return png
+    return await asyncio.to_thread(images.encode, png, job.params.output_format, job.params.output_compression)
+
+
 @v1.post("/images/generations", response_model=ImagesResponse, summary="Generate images (waits for the result)")
 async def create_images(body: ImageGenerationRequest, request: Request, response: Response,
-                        scope: str = Depends(caller)) -> ImagesResponse:
+                        scope: str = Depends(caller),
+                        idempotency_key: str | None = Header(None, max_length=255,
+                                                             description="same key + same body: same job")
+                        ) -> ImagesResponse:
     service = service_of(request)
-    job, _ = await _submit(service, body, scope, need_worker=True)
+    job, _ = await _submit(service, body, scope, idempotency_key=idempotency_key, need_worker=True,
+                           rejoin=_is_retry(request), remember=True)
     response.headers["X-Job-Id"] = job.id
     async with service.hub.subscribe(job.id) as events:
         finished = await _wait_finished(service, job.id, events, service.settings.sync_timeout_s)
-    headers = {"X-Job-Id": job.id}
+    headers = {"X-Job-Id": job.id, **NO_RETRY}
     if finished is None:
+        missing = await _missing_job(service, job.id, headers)
+        if missing.code == "job_lost":  # nothing runs it any more: a retry (a new job) is the right thing
+            raise ApiError(503, f"job {job.id} was lost: the queue (Redis) restarted without persistence while it "
+                                f"waited; submit it again", type="service_unavailable", code="job_lost",
+                           headers={"X-Job-Id": job.id, "Retry-After": "1"})
         raise ApiError(404, f"job {job.id} expired before it finished", code="job_expired", headers=headers)
     if finished.status == "failed":
         raise ApiError(500, f"generation failed: {finished.error_message}", type="server_error",
@@ -285,18 +355,25 @@ async def create_images(body: ImageGenerationRequest, request: Request, response
         raise ApiError(409, f"job {job.id} was cancelled", code="job_cancelled", headers=headers)
     if finished.status != "succeeded":
         raise ApiError(504, f"job {job.id} did not finish within {service.settings.sync_timeout_s:.0f}s; follow it "
-                            f"at /v1/jobs/{job.id}", type="timeout", code="sync_timeout", headers=headers)
+                            f"at /v1/jobs/{job.id} (it goes on; retrying this call would wait for the same job)",
+                       type="timeout", code="sync_timeout", headers=headers)
     data = []
-    for k, seed in enumerate(finished.params.seeds):
-        if finished.params.response_format == "url":
+    p = finished.params
+    for k, seed in enumerate(p.seeds):
+        if p.response_format == "url":
             data.append(ImageData(url=str(request.url_for("job_image", job_id=job.id, k=str(k))), seed=seed))
             continue
-        png = await service.queue.image(job.id, k)
-        if png is None:
+        encoded = await _encoded(service, finished, k)
+        if encoded is None:
             raise ApiError(404, f"image {k} of job {job.id} expired", code="image_expired", headers=headers)
-        data.append(ImageData(b64_json=base64.b64encode(png).decode(), seed=seed))
-    return ImagesResponse(created=int(finished.finished_at or time.time()), data=data, model=finished.params.model,
-                          seeds=list(finished.params.seeds), job_id=job.id)
+        data.append(ImageData(b64_json=base64.b64encode(encoded).decode(), seed=seed))
+    tokens = prompt_tokens(body, service.tokenizers[p.model])
+    return ImagesResponse(created=int(finished.finished_at or time.time()), data=data, model=p.model,
+                          seeds=list(p.seeds), job_id=job.id, size=f"{p.width}x{p.height}",
+                          output_format=p.output_format, quality=body.quality,
+                          safety_identifier=body.safety_identifier or body.user or None,
+                          usage=Usage(input_tokens=tokens, input_tokens_details=InputTokensDetails(text_tokens=tokens),
+                                      total_tokens=tokens))
 
 
 @v1.post("/jobs", status_code=202, response_model=JobView, summary="Queue a generation and return at once")
@@ -342,7 +419,9 @@ async def job_events(job_id: str, request: Request, scope: str = Depends(caller)
                 if job is not None and job.status != previous and not job.finished:
                     yield {"event": "status", "data": json.dumps({"status": job.status})}
             if job is None:
-                yield {"event": "end", "data": json.dumps({"id": job_id, "status": "expired"})}
+                reason = await service.queue.missing_reason(job_id)
+                yield {"event": "end", "data": json.dumps({"id": job_id,
+                                                           "status": "lost" if reason == "lost" else "expired"})}
             else:
                 yield {"event": "end", "data": job_view(job, request).model_dump_json()}
 
@@ -365,10 +444,15 @@ async def cancel_job(job_id: str, request: Request, scope: str = Depends(caller)
     return JSONResponse(job_view(job, request).model_dump(mode="json"), status_code=status)
 
 
-@v1.get("/jobs/{job_id}/images/{k}", name="job_image", summary="Image k of a succeeded job, as PNG",
-        response_class=Response, responses={200: {"content": {"image/png": {}}}})
-async def job_image(job_id: str, k: int, request: Request, scope: str = Depends(caller)) -> Response:
+@v1.get("/jobs/{job_id}/images/{k}", name="job_image",
+        summary="Image k of a succeeded job, in the job's output_format (PNG by default)", response_class=Response)
+async def job_image(job_id: str, request: Request,
+                    k: int = Path(ge=0, description="image index, 0..n-1"),
+                    scope: str = Depends(caller)) -> Response:
     service = service_of(request)
+    if not request.path_params["k"].isdigit():  # "1.0" or "+1" is not an index (the schema says integer)
+        raise ApiError(400, f"Invalid type for 'k': expected an integer, but got {request.path_params['k']!r} "
+                            f"instead.", param="k", code="invalid_type")
     job = await _get_job(service, job_id, scope)
     if job.status != "succeeded":
         raise ApiError(409, f"job {job_id} is {job.status}; images exist once it has succeeded", param="job_id",
@@ -376,11 +460,38 @@ async def job_image(job_id: str, k: int, request: Request, scope: str = Depends(
     if not 0 <= k < job.images:
         raise ApiError(404, f"image index must be between 0 and {job.images - 1}, got {k}", param="k",
                        code="image_not_found")
-    png = await service.queue.image(job_id, k)
-    if png is None:
+    data = await _encoded(service, job, k)
+    if data is None:
         raise ApiError(404, f"image {k} of job {job_id} expired", param="k", code="image_expired")
-    return Response(png, media_type="image/png",
+    return Response(data, media_type=images.MEDIA_TYPES[job.params.output_format],
                     headers={"Cache-Control": f"private, max-age={service.settings.job_ttl_s}, immutable"})
+
+
+@v1.post("/images/edits", summary="Not supported: image edits (OpenAI images.edit)", status_code=400,
+         response_model=None)
+async def images_edit(request: Request) -> JSONResponse:
+    return await _not_supported(request, "images.edit (POST /v1/images/edits)")
+
+
+@v1.post("/images/variations", summary="Not supported: image variations (OpenAI images.create_variation)",
+         status_code=400, response_model=None)
+async def images_variation(request: Request) -> JSONResponse:
+    return await _not_supported(request, "images.create_variation (POST /v1/images/variations)")
+
+
+NOT_SUPPORTED_PATHS = frozenset({"/v1/images/edits", "/v1/images/variations"})
+_DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) an upload up to this size, so the client reads our answer
+
+
+async def _not_supported(request: Request, what: str) -> JSONResponse:
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > _DRAIN_LIMIT:
+            break
+    return error_response(400, f"{what} is not supported by this server: its models generate images from text only; "
+                               f"use POST /v1/images/generations", type="invalid_request_error",
+                          code="unsupported_endpoint", headers={**NO_RETRY, "Connection": "close"})
 
 
 @v1.get("/models", response_model=ModelList, summary="Served models and their limits")
@@ -426,8 +537,7 @@ async def metrics_endpoint(request: Request) -> Response:
             metrics.QUEUE_DEPTH.labels(name).set(await service.queue.depth(name))
             beats = await service.queue.all_heartbeats(name)
             metrics.WORKERS_ALIVE.labels(name).set(sum(b["age_s"] <= service.settings.worker_stale_s for b in beats))
-            for beat in beats:
-                metrics.HEARTBEAT_AGE.labels(name, beat["consumer"]).set(round(beat["age_s"], 3))
+            metrics.HEARTBEAT_AGE.set_model(name, {b["consumer"]: round(b["age_s"], 3) for b in beats})
         metrics.redis_up().set(1)
     except RedisError as err:
         metrics.redis_up().set(0)
@@ -469,8 +579,10 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
     mount_playground(app)  # the web page at / (SPO_PLAYGROUND=false: off)
     metrics.initialise_api((r.path, method, r.status_code or 200) for r in (*v1.routes, *ops.routes)
                            if isinstance(r, APIRoute) for method in sorted(r.methods or ()))
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, unread=NOT_SUPPORTED_PATHS)
     app.add_middleware(RequestMetrics)
+    openapi.install(app, settings, list(specs.values()), [service.tokenizers[name] for name in specs],
+                    auth=service.auth.enabled)
     return app
 
 

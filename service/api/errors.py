@@ -1,7 +1,10 @@
 """OpenAI-style error bodies `{"error": {"type", "message", "param", "code"}}` and the handlers that produce them.
 
 Bad input is 400 (413 too large, 422 for a reused Idempotency-Key) naming the offending `param`; a failure of ours
-is 500 and never caused by input; Redis trouble is 503 with `Retry-After`.
+is 500 and never caused by input; Redis trouble is 503 with `Retry-After`. Validation errors use OpenAI's codes and
+message style, so clients that branch on them work: `unknown_parameter` ("Unknown parameter: 'x'."), `invalid_value`
+("Invalid value: 'x'. Supported values are: 'a' and 'b'."), `invalid_type`, `integer_below_min_value`,
+`integer_above_max_value`, `string_above_max_length`, ...
 """
 
 from __future__ import annotations
@@ -57,17 +60,98 @@ def _param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
-def _validation_message(err: dict) -> str:
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "string": "a string", "bool": "a boolean",
+               "dict": "an object", "list": "an array", "none": "null"}
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+# Why a value of an OpenAI parameter is refused here, appended to OpenAI's "Invalid value" message.
+_HINTS = {
+    "stream": "streaming is not supported; follow a job's progress at /v1/jobs/{id}/events",
+    "partial_images": "partial images need streaming, which is not supported",
+    "background": "these models draw opaque images only",
+    "output_format": "gif and svg are not produced",
+}
+
+
+def _supported(expected: str) -> str:
+    """Pydantic's "'a', 'b' or 'c'" -> OpenAI's "'a', 'b', and 'c'"."""
+    values = [v.strip() for part in expected.split(" or ") for v in part.split(", ") if v.strip()]
+    if len(values) <= 1:
+        return "".join(values)
+    if len(values) == 2:
+        return f"{values[0]} and {values[1]}"
+    return ", ".join(values[:-1]) + f", and {values[-1]}"
+
+
+def openai_validation_error(err: dict) -> tuple[str, str | None, str | None]:
+    """(message, param, code) in OpenAI's style for one pydantic error."""
     param = _param(tuple(err.get("loc", ())))
-    kind = err.get("type", "")
+    kind = str(err.get("type", ""))
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    name = f"'{param}'" if param else "the request body"
     if kind == "json_invalid":
-        return "request body is not valid JSON"
+        return "We could not parse the JSON body of your request: it is not valid JSON.", None, "invalid_json"
     if kind == "extra_forbidden":
-        return f"unrecognized request argument: {param}"
+        return f"Unknown parameter: '{param}'.", param, "unknown_parameter"
     if kind == "missing":
-        return f"missing required argument: {param}" if param else "missing request body"
+        if not param:
+            return "Missing request body.", None, "missing_required_parameter"
+        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
+    if kind == "literal_error":
+        hint = f" ({_HINTS[param]})" if param in _HINTS else ""
+        return (f"Invalid value: {value!r}. Supported values are: {_supported(str(ctx.get('expected', '')))}{hint}.",
+                param, "invalid_value")
+    if kind == "none_required":
+        return (f"Invalid value for {name}: this server does not support it; only null is accepted.", param,
+                "invalid_value")
+    if kind.endswith("_type") or kind in ("model_attributes_type", "dict_type"):
+        wanted = _TYPE_NAMES.get(kind.removesuffix("_type").removeprefix("model_attributes"), "an object")
+        if kind in ("model_type", "model_attributes_type", "dict_type"):
+            wanted = "an object"
+        return (f"Invalid type for {name}: expected {wanted}, but got {_json_type(value)} instead.", param,
+                "invalid_type")
+    if kind in ("greater_than_equal", "greater_than"):
+        bound = ctx.get("ge", ctx.get("gt"))
+        code = "integer_below_min_value" if isinstance(value, int) else "decimal_below_min_value"
+        op = ">=" if kind == "greater_than_equal" else ">"
+        return (f"Invalid {name}: {code.split('_')[0]} below minimum value. Expected a value {op} {bound}, but got "
+                f"{value} instead.", param, code)
+    if kind in ("less_than_equal", "less_than"):
+        bound = ctx.get("le", ctx.get("lt"))
+        code = "integer_above_max_value" if isinstance(value, int) else "decimal_above_max_value"
+        op = "<=" if kind == "less_than_equal" else "<"
+        return (f"Invalid {name}: {code.split('_')[0]} above maximum value. Expected a value {op} {bound}, but got "
+                f"{value} instead.", param, code)
+    if kind == "string_too_long":
+        limit = ctx.get("max_length")
+        return (f"Invalid {name}: string too long. Expected a string with maximum length {limit}, but got a string "
+                f"with length {len(value) if isinstance(value, str) else '?'} instead.", param,
+                "string_above_max_length")
+    if kind in ("string_pattern_mismatch", "string_too_short") or (kind == "value_error" and param == "prompt"):
+        return f"Invalid {name}: must not be empty or blank.", param, "empty_string"
+    if kind == "finite_number":
+        return f"Invalid {name}: expected a finite number, but got {value} instead.", param, "invalid_value"
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"{param}: {msg}" if param else msg
+    return (f"Invalid {name}: {msg}." if param else msg), param, kind or None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -78,15 +162,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        param = _param(tuple(first.get("loc", ())))
-        if first.get("type") == "json_invalid":
-            param = None
-        return error_response(400, _validation_message(first), param=param, code=first.get("type"))
+        errors = exc.errors()
+        # An unknown parameter is what a client most needs to hear about (it may be why others look wrong).
+        first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0] if errors else {})
+        message, param, code = openai_validation_error(dict(first))
+        return error_response(400, message, param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code)
+        if exc.status_code == 404:
+            return error_response(404, f"Invalid URL ({request.method} {request.url.path}): no such route",
+                                  code=code)
         return error_response(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RedisError)

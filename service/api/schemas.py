@@ -1,35 +1,85 @@
 """Request and response bodies of the HTTP API.
 
-`ImageGenerationRequest` is OpenAI's images.generate body (model, prompt, n, size, response_format, user) plus the
-extensions negative_prompt, seed, num_inference_steps, guidance_scale and priority. Checks that need the served
-model's manifest (allowed sizes, limits, prompt tokens) live in `api.validate_request`, not here.
+`ImageGenerationRequest` is OpenAI's images.generate body plus the extensions negative_prompt, seed,
+num_inference_steps, guidance_scale and priority. Every parameter the `openai` SDK can send is known here: the
+benign ones are accepted (`output_format` and `output_compression` are honoured, `size="auto"` is the model's
+default; `quality`, `style`, `moderation`, `complexity`, `background="auto"|"opaque"` change nothing a diffusion model
+can do and are ignored), and values this server cannot honour (`stream=true`, `background="transparent"`, gif or svg
+output, ...) are refused as OpenAI does: 400 `invalid_value` naming the parameter; an unknown parameter is 400
+`unknown_parameter`. Types are strict throughout (`"5"` or `true` is not a number). Checks that need the served
+model's manifest (allowed sizes, limits, prompt tokens) live in `validation.validate_request`; `app.create_app`
+writes those limits into the OpenAPI schema of the deployment.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**32 - 1
 Priority = Literal["high", "normal", "low"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+# What OpenAI's API accepts for these, all of it accepted here (and ignored: see the module docstring).
+Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
+Style = Literal["vivid", "natural"]
+Moderation = Literal["auto", "low"]
+Complexity = Literal["low", "medium", "high"]
+Background = Literal["auto", "opaque"]  # "transparent": no alpha channel in these models' output
+
+
+def _integral(value: object) -> object:
+    """JSON Schema's integer: 4 or 4.0, never 4.5, "4" or true (those fail the strict int check after this)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# After the constraints in Annotated[int, Field(...), WHOLE], so the schema keeps them as minimum / maximum.
+WHOLE = BeforeValidator(_integral)
 
 
 class ImageGenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(max_length=4000, description="what to draw; at most the model's tokenizer length in tokens")
+    prompt: str = Field(max_length=4000, pattern=r"\S",
+                        description="what to draw: not blank, at most the model's `max_prompt_tokens` CLIP tokens "
+                                    "(GET /v1/models; start and end tokens included)")
     model: str | None = Field(None, description="served model id (GET /v1/models); default: the first one")
-    n: int = Field(1, ge=1, strict=True, description="images to generate, 1..the model's max_n")
-    size: str | None = Field(None, description="'WIDTHxHEIGHT', one of the model's sizes; default: its default")
-    response_format: Literal["b64_json", "url"] = Field("b64_json", description="inline base64 PNG or a link")
+    n: Annotated[int, Field(ge=1), WHOLE] = Field(1, description="images to generate, 1..the model's max_n")
+    size: str | None = Field(None, description="'WIDTHxHEIGHT', one of the model's sizes, or 'auto' (the model's "
+                                               "default size)")
+    response_format: Literal["b64_json", "url"] = Field("b64_json", description="inline base64 image or a link")
+    output_format: OutputFormat | None = Field(None, description="image encoding (default png)")
+    output_compression: Annotated[int, Field(ge=0, le=100), WHOLE] | None = Field(None,
+                                           description="jpeg/webp quality in percent (100: best, the default); "
+                                                       "ignored for png")
+    quality: Quality | None = Field(None, description="accepted for OpenAI compatibility; every value renders the "
+                                                      "same (num_inference_steps sets the work)")
+    style: Style | None = Field(None, description="accepted for OpenAI compatibility, ignored")
+    background: Background | None = Field(None, description="'auto' or 'opaque' (the only kind produced); "
+                                                            "'transparent' is refused")
+    moderation: Moderation | None = Field(None, description="accepted for OpenAI compatibility, ignored")
+    complexity: Complexity | None = Field(None, description="accepted for OpenAI compatibility, ignored")
+    stream: Literal[False] | None = Field(None, description="only false: streaming is not supported (follow a job's "
+                                                            "progress at /v1/jobs/{id}/events)")
+    partial_images: Literal[0] | None = Field(None, description="only 0: partial images need streaming")
     user: str | None = Field(None, max_length=256, description="accepted for OpenAI compatibility, unused")
+    safety_identifier: str | None = Field(None, max_length=256,
+                                          description="accepted for OpenAI compatibility, echoed, unused")
+    # OpenAI parameters of output kinds this server does not produce: only null is accepted.
+    frame_count: None = Field(None, description="gif output only: not supported (only null)")
+    frame_duration_ms: None = Field(None, description="gif output only: not supported (only null)")
+    svg: None = Field(None, description="svg output only: not supported (only null)")
     negative_prompt: str = Field("", max_length=4000, description="what to steer away from")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True,
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), WHOLE] | None = Field(None,
                              description="seed of image 0; image i uses seed + i; default: random (returned)")
-    num_inference_steps: int | None = Field(None, ge=1, strict=True, description="denoising steps")
-    guidance_scale: float | None = Field(None, allow_inf_nan=False, description="classifier-free guidance scale")
+    num_inference_steps: Annotated[int, Field(ge=1), WHOLE] | None = Field(
+        None, description="denoising steps, 1..the model's max_steps")
+    guidance_scale: float | None = Field(None, allow_inf_nan=False,
+                                         description="classifier-free guidance scale, in the model's guidance_range")
     priority: Priority = Field("normal", description="queue priority")
 
     @field_validator("prompt")
@@ -37,6 +87,21 @@ class ImageGenerationRequest(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _a_boolean(cls, value: object) -> object:
+        if value is not None and type(value) is not bool:  # Literal[False] alone would take 0
+            raise PydanticCustomError("bool_type", "Input should be a valid boolean")
+        return value
+
+    @field_validator("partial_images", mode="before")
+    @classmethod
+    def _an_integer(cls, value: object) -> object:
+        value = _integral(value)
+        if value is not None and type(value) is not int:  # Literal[0] alone would take false
+            raise PydanticCustomError("int_type", "Input should be a valid integer")
         return value
 
 
@@ -47,12 +112,33 @@ class ImageData(BaseModel):
     seed: int
 
 
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """OpenAI's usage block: the prompt's CLIP tokens (and the negative prompt's) as input; images are not counted
+    in tokens here, so output_tokens is 0."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int = 0
+    total_tokens: int
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     model: str
     seeds: list[int]
     job_id: str
+    size: str = Field(description="'WIDTHxHEIGHT' of the images")
+    output_format: OutputFormat
+    background: Literal["opaque"] = "opaque"
+    quality: str | None = Field(None, description="the quality asked for, echoed (it changes nothing)")
+    safety_identifier: str | None = None
+    usage: Usage | None = None
 
 
 class Progress(BaseModel):
@@ -76,6 +162,7 @@ class JobRequest(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     response_format: str
+    output_format: str = "png"
 
 
 class ErrorInfo(BaseModel):
@@ -117,7 +204,7 @@ class ModelCard(BaseModel):
     default_guidance: float
     max_n: int
     max_steps: int
-    guidance_range: tuple[float, float]
+    guidance_range: list[float] = Field(min_length=2, max_length=2, description="[low, high]")
     max_prompt_tokens: int
 
 
@@ -135,3 +222,8 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def error_example(status: int, code: str, message: str, type: str = "invalid_request_error",
+                  param: str | None = None) -> dict[str, Any]:
+    return {"error": {"type": type, "message": message, "param": param, "code": code}}

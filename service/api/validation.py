@@ -91,40 +91,63 @@ class PromptTokenizer:
         return len(self.tokenizer.encode(text).ids)
 
 
+def _supported_values(values: list[str]) -> str:
+    quoted = [f"'{v}'" for v in values]
+    if len(quoted) <= 2:
+        return " and ".join(quoted)
+    return ", ".join(quoted[:-1]) + f", and {quoted[-1]}"
+
+
+def _resolve_size(body: ImageGenerationRequest, spec: ModelSpec) -> tuple[int, int]:
+    """'auto' (or none) is the model's default; otherwise one of its sizes exactly, 'x' in either case."""
+    if body.size is None or body.size.lower() == "auto":
+        return parse_size(spec.defaults.size)
+    if body.size.lower() not in spec.sizes:
+        raise ApiError(400, f"Invalid value: {body.size!r}. Supported values are: "
+                            f"{_supported_values([*spec.sizes, 'auto'])} (model {spec.name!r}).",
+                       param="size", code="invalid_value")
+    return parse_size(body.size.lower())
+
+
 def validate_request(body: ImageGenerationRequest, spec: ModelSpec, tokenizer: PromptTokenizer) -> JobParams:
     """Apply the model's defaults and limits and draw the seed if none was given (stored with the job, so a retried
-    or reclaimed job gives the same images); raises ApiError(400) naming the offending field."""
-    try:
-        width, height = parse_size(body.size or spec.defaults.size)
-    except ValueError as err:
-        raise ApiError(400, str(err), param="size", code="invalid_size") from None
-    size = f"{width}x{height}"
-    if size not in spec.sizes:
-        raise ApiError(400, f"size {size!r} is not served for model {spec.name!r}; allowed: {', '.join(spec.sizes)}",
-                       param="size", code="invalid_size")
+    or reclaimed job gives the same images); raises ApiError(400) naming the offending field, with OpenAI's codes."""
+    width, height = _resolve_size(body, spec)
     if body.n > spec.max_n:
-        raise ApiError(400, f"n must be between 1 and {spec.max_n} for model {spec.name!r}, got {body.n}",
-                       param="n", code="invalid_n")
+        raise ApiError(400, f"Invalid 'n': integer above maximum value. Expected a value <= {spec.max_n} for model "
+                            f"{spec.name!r}, but got {body.n} instead.", param="n", code="integer_above_max_value")
     steps = body.num_inference_steps or spec.defaults.steps
     if steps > spec.max_steps:
-        raise ApiError(400, f"num_inference_steps must be between 1 and {spec.max_steps}, got {steps}",
-                       param="num_inference_steps", code="invalid_steps")
+        raise ApiError(400, f"Invalid 'num_inference_steps': integer above maximum value. Expected a value <= "
+                            f"{spec.max_steps}, but got {steps} instead.", param="num_inference_steps",
+                       code="integer_above_max_value")
     guidance = spec.defaults.guidance if body.guidance_scale is None else float(body.guidance_scale)
     low, high = spec.guidance_range
     if not low <= guidance <= high:
-        raise ApiError(400, f"guidance_scale must be between {low} and {high}, got {guidance}",
-                       param="guidance_scale", code="invalid_guidance")
+        side, code = ("below minimum", "decimal_below_min_value") if guidance < low else \
+            ("above maximum", "decimal_above_max_value")
+        raise ApiError(400, f"Invalid 'guidance_scale': number {side} value. Expected a value between {low} and "
+                            f"{high}, but got {guidance} instead.", param="guidance_scale", code=code)
     for param, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
         if text and (count := tokenizer.count(text)) > tokenizer.max_tokens:
-            raise ApiError(400, f"{param} is {count} tokens; model {spec.name!r} accepts at most "
-                                f"{tokenizer.max_tokens} (start and end tokens included)",
-                           param=param, code="prompt_too_long")
+            raise ApiError(400, f"Invalid '{param}': too long. Expected at most {tokenizer.max_tokens} tokens for "
+                                f"model {spec.name!r} (start and end tokens included), but got {count} instead.",
+                           param=param, code="string_above_max_length")
     first_seed = body.seed if body.seed is not None else secrets.randbelow(2**32 - spec.max_n)
     return JobParams(model=spec.name, prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n,
                      width=width, height=height, steps=steps, guidance=guidance,
-                     seeds=tuple(first_seed + i for i in range(body.n)), response_format=body.response_format)
+                     seeds=tuple(first_seed + i for i in range(body.n)), response_format=body.response_format,
+                     output_format=body.output_format or "png", output_compression=body.output_compression)
+
+
+def prompt_tokens(body: ImageGenerationRequest, tokenizer: PromptTokenizer) -> int:
+    """The CLIP tokens of the prompt and the negative prompt (what OpenAI's `usage.input_tokens` counts here)."""
+    return tokenizer.count(body.prompt) + (tokenizer.count(body.negative_prompt) if body.negative_prompt else 0)
 
 
 def fingerprint(body: ImageGenerationRequest) -> str:
-    """Identifies a request as sent (before defaults and random seeds), to detect a reused Idempotency-Key."""
-    return hashlib.sha256(body.model_dump_json(exclude={"user"}).encode()).hexdigest()
+    """Identifies a request as sent (before defaults and random seeds), to detect a reused Idempotency-Key and to
+    find the job a client's retry is about. Fields left out are the same as not sent, so adding an optional field
+    to the schema does not change the fingerprint of existing requests."""
+    return hashlib.sha256(body.model_dump_json(exclude={"user", "safety_identifier"}, exclude_none=True).encode()
+                          ).hexdigest()

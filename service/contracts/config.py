@@ -2,6 +2,10 @@
 
 One `Settings` object is shared by the API, the worker and `spo serve`, so a deployment sets each knob once.
 Lists (`SPO_MODELS`, `SPO_API_KEYS`) are comma-separated.
+
+Auth fails closed: a keys setting that is given but yields no key (`SPO_API_KEYS=" "` or `","`, a keys file with only
+comments or blank lines, a keys file that cannot be read) stops start-up with a message, instead of serving without
+auth. Only an unset (or empty) SPO_API_KEYS with no SPO_API_KEYS_FILE means "no auth".
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+class ConfigError(RuntimeError):
+    """A setting that must stop start-up (its message names the setting and what to do)."""
 
 
 CsvList = Annotated[list[str], NoDecode]
@@ -68,22 +76,48 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text: one readable line per record; json: one "
                                                                     "JSON object per line, for log pipelines")
 
-    # HTTP
-    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted request body")
+    # HTTP (enforced by the API's server, whatever its HTTP parser: service.api.server)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted request body (413 past it)")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="largest request line + headers (431 past it)")
+    request_timeout_s: float = Field(15.0, gt=0, description="a request's line, headers and body must all arrive "
+                                                             "within this long of its first byte (408 past it)")
+    keepalive_timeout_s: float = Field(5.0, gt=0, description="an idle connection (no request in progress) is "
+                                                              "closed after this long")
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("models", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_csv(cls, value: object) -> object:
+        keys = _split_csv(value)
+        if isinstance(value, str) and value != "" and not keys:
+            # " " or "," is a keys setting that yields no key: serving without auth would be the surprise
+            raise ValueError(f"{value!r} contains no API key (keys are comma-separated); unset it, or set it to the "
+                             f"empty string, to run without auth")
+        if isinstance(keys, list) and any(not isinstance(k, str) or not k.strip() for k in keys):
+            raise ValueError("API keys must be non-blank strings")
+        return keys
+
     def load_api_keys(self) -> list[str]:
-        """Keys from SPO_API_KEYS plus the keys file; an empty list means auth is off."""
+        """Keys from SPO_API_KEYS plus the keys file; an empty list means auth is off, which only an unset
+        SPO_API_KEYS_FILE and an empty SPO_API_KEYS give. Raises ConfigError for a keys file that cannot be read or
+        holds no key (auth fails closed)."""
         keys = list(self.api_keys)
         if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    keys.append(line)
+            try:
+                text = self.api_keys_file.read_text()
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfigError(f"SPO_API_KEYS_FILE={self.api_keys_file}: cannot read it ({err}); refusing to start "
+                                  f"without the API keys it should hold") from None
+            found = [line for line in (raw.split("#", 1)[0].strip() for raw in text.splitlines()) if line]
+            if not found:
+                raise ConfigError(f"SPO_API_KEYS_FILE={self.api_keys_file} holds no API key (only blank lines or "
+                                  f"'#' comments); refusing to start without auth. Put one key per line, or unset "
+                                  f"SPO_API_KEYS_FILE to run without auth")
+            keys += found
         return keys
 
 

@@ -18,7 +18,8 @@ spo_jobs_in_flight                     gauge      model                       wo
 spo_device_memory_bytes                gauge      model, device               worker (CUDA allocated, or CPU RSS)
 spo_queue_depth                        gauge      model                       API, at scrape time
 spo_workers_alive                      gauge      model                       API, at scrape time
-spo_worker_heartbeat_age_seconds       gauge      model, worker               API, at scrape time
+spo_worker_heartbeat_age_seconds       gauge      model, worker               API, at scrape time (the workers in
+                                                                                 P:workers now: a pruned one is gone)
 spo_redis_up                           gauge      (none)                      API, at scrape time (1 ok, 0 down)
 
 Every series whose labels are known up front exists from the start, at 0: a worker creates its model's outcomes,
@@ -30,7 +31,7 @@ dashboard panel says "No data" and `rate()` cannot see the first failures (its f
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,6 +42,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # Generations take from tens of milliseconds (tiny model, GPU) to minutes (big batch, CPU).
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0,
@@ -70,8 +73,30 @@ QUEUE_DEPTH = Gauge("spo_queue_depth", "Jobs queued or running for a model.", ["
                     multiprocess_mode="mostrecent")
 WORKERS_ALIVE = Gauge("spo_workers_alive", "Workers whose heartbeat is fresh.", ["model"],
                       multiprocess_mode="mostrecent")
-HEARTBEAT_AGE = Gauge("spo_worker_heartbeat_age_seconds", "Seconds since each worker's last heartbeat.",
-                      ["model", "worker"], multiprocess_mode="mostrecent")
+
+
+class HeartbeatAges(Collector):
+    """spo_worker_heartbeat_age_seconds: the snapshot the last scrape read from Redis, replaced whole each time. A
+    labelled Gauge would keep exporting every worker it ever saw (also in multiprocess mode, from its files), so a
+    dead worker's series would never leave."""
+
+    def __init__(self) -> None:
+        self.ages: dict[tuple[str, str], float] = {}
+
+    def set_model(self, model: str, ages: dict[str, float]) -> None:
+        self.ages = {key: age for key, age in self.ages.items() if key[0] != model}
+        self.ages.update({(model, worker): age for worker, age in ages.items()})
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("spo_worker_heartbeat_age_seconds", "Seconds since each worker's last heartbeat.",
+                                   labels=["model", "worker"])
+        for (model, worker), age in sorted(self.ages.items()):
+            family.add_metric([model, worker], age)
+        yield family
+
+
+HEARTBEAT_AGE = HeartbeatAges()
+REGISTRY.register(HEARTBEAT_AGE)
 _redis_up: Gauge | None = None
 
 # The label values the service emits, so they can be created at 0 (the worker loop uses exactly these).
@@ -118,6 +143,7 @@ def render() -> tuple[bytes, str]:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(HEARTBEAT_AGE)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 

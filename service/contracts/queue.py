@@ -7,6 +7,8 @@ Layout (every key starts with the configured prefix `P`):
     P:job:{id}                   hash: the job's request, status, progress, timings, error (expires after job_ttl)
     P:job:{id}:image:{k}         PNG bytes of image k (same TTL)
     P:idem:{scope}:{key}         Idempotency-Key -> job id (same TTL)
+    P:recent:{scope}:{print}     the caller's latest sync job for that request fingerprint, which a client's
+                                 automatic retry (x-stainless-retry-count >= 1) rejoins instead of queueing anew
     P:events:{id}                pub/sub channel: JSON {"type": "status"|"progress", ...}
     P:workers:{model}            hash: consumer name -> JSON heartbeat
 
@@ -20,6 +22,10 @@ Protocol (at-least-once, no visible duplicates):
   visibility timeout, and `touch` their own in-flight entries so long batches are not reclaimed.
 - Every status change and progress step is published on the job's channel; `EventHub` (API side) fans one pattern
   subscription out to waiting requests, so nothing polls.
+- Job ids carry their creation time and a tag of the Redis run id (`INFO server`), so a job missing from a Redis that
+  restarted without persistence is reported as lost (`missing_reason`), not as expired.
+- Workers `prune` what dead workers leave: consumers with nothing pending, idle past the stale age and without a
+  fresh heartbeat, and heartbeats older than the prune age.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -35,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
@@ -94,6 +102,9 @@ class Keys:
     def rate(self, scope: str, window: int) -> str:
         return f"{self.prefix}:rate:{scope}:{window}"
 
+    def recent(self, scope: str, fingerprint: str) -> str:
+        return f"{self.prefix}:recent:{scope}:{fingerprint[:32]}"
+
 
 @dataclass(frozen=True)
 class JobParams:
@@ -109,6 +120,8 @@ class JobParams:
     guidance: float
     seeds: tuple[int, ...]
     response_format: str = "b64_json"
+    output_format: str = "png"  # how the API encodes the stored PNGs for the client (the worker always stores PNG)
+    output_compression: int | None = None  # jpeg/webp quality in percent
 
 
 @dataclass
@@ -144,7 +157,9 @@ class Job:
         params = JobParams(
             model=h["model"], prompt=h["prompt"], negative_prompt=h.get("negative_prompt", ""), n=int(h["n"]),
             width=int(h["width"]), height=int(h["height"]), steps=int(h["steps"]), guidance=float(h["guidance"]),
-            seeds=tuple(json.loads(h["seeds"])), response_format=h.get("response_format", "b64_json"))
+            seeds=tuple(json.loads(h["seeds"])), response_format=h.get("response_format", "b64_json"),
+            output_format=h.get("output_format") or "png",
+            output_compression=int(h["output_compression"]) if h.get("output_compression") else None)
         return cls(
             id=h["id"], params=params, status=h["status"], priority=h.get("priority", "normal"),
             created_at=float(h["created_at"]), entry_id=h.get("entry_id", ""), fingerprint=h.get("fingerprint", ""),
@@ -174,20 +189,23 @@ class Claim:
 # -- Lua scripts: each state transition is atomic, so API and any number of workers can race safely. ------------
 
 _SUBMIT = """
--- KEYS: job hash, target stream, idempotency key ('' = none), then every stream of the model
--- ARGV: job id, max length, ttl, field/value pairs...
+-- KEYS: job hash, target stream, idempotency key ('' = none), recent-sync key ('' = none), then every stream of
+-- the model. ARGV: job id, max length, ttl, field/value pairs...
 if KEYS[3] ~= '' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {'existing', existing} end
 end
+-- The same job id again is a resend of this very call (the client retried it on a fresh connection): no second entry
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'created', ARGV[1]} end
 local depth = 0
-for i = 4, #KEYS do depth = depth + redis.call('XLEN', KEYS[i]) end
+for i = 5, #KEYS do depth = depth + redis.call('XLEN', KEYS[i]) end
 if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
 redis.call('HSET', KEYS[1], 'entry_id', entry, 'stream', KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3]) end
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[3]) end
 return {'created', ARGV[1]}
 """
 
@@ -271,15 +289,58 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 return 1
 """
 
+_DROP_IDLE_CONSUMER = """
+-- KEYS: stream. ARGV: group, consumer. Deletes the consumer only if it holds no pending entry (checked and done in
+-- one step, so an entry it reads meanwhile cannot be dropped with it).
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
 
 def connect(url: str, *, socket_timeout: float | None = 5.0, decode: bool = True) -> aioredis.Redis:
-    """An asyncio client that fails fast (no retry storms) when Redis is down, and reconnects when it is back."""
+    """An asyncio client that fails fast when Redis is down and reconnects when it is back.
+
+    A command that fails with a connection error is retried once, at once, on a fresh connection: after a Redis
+    restart every pooled connection is dead, and without the retry the first request on each would fail although
+    Redis is up. Only connection errors are retried (a refused connection fails again in milliseconds, so a down
+    Redis still answers fast); a timeout is not (the command may have run). Every script this module sends is safe to
+    run twice on a reconnect (submit recognises its own job id)."""
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
     return aioredis.Redis.from_url(url, decode_responses=decode, socket_timeout=socket_timeout,
-                                   socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0),
+                                   socket_connect_timeout=2.0,
+                                   retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
                                    health_check_interval=30)
+
+
+# -- job ids -----------------------------------------------------------------------------------------------------
+# 32 hex digits: creation time in ms (12), a tag of the Redis run id the job was stored in (6), random (14). A job
+# missing from Redis can then be told apart: expired (older than the TTL), lost (Redis has another run id: it
+# restarted without persistence since), or never there.
+
+RUN_TAG_LEN = 6
+
+
+def new_job_id(run_id: str, now: float | None = None) -> str:
+    millis = int((time.time() if now is None else now) * 1000)
+    return f"{millis:012x}{run_id[:RUN_TAG_LEN].ljust(RUN_TAG_LEN, '0')}{secrets.token_hex(7)}"
+
+
+def job_id_origin(job_id: str) -> tuple[float, str] | None:
+    """(created, run tag) of an id made by `new_job_id`, or None for anything else (ids of older versions)."""
+    if len(job_id) != 32:
+        return None
+    try:
+        millis = int(job_id[:12], 16)
+        int(job_id, 16)
+    except ValueError:
+        return None
+    created = millis / 1000
+    if not 1.6e9 <= created <= time.time() + 86400:
+        return None
+    return created, job_id[12:12 + RUN_TAG_LEN]
 
 
 class JobQueue:
@@ -293,6 +354,7 @@ class JobQueue:
         self.job_ttl_s = job_ttl_s
         self.max_length = max_length
         self._groups_ready: set[str] = set()
+        self._run_id: tuple[float, str] | None = None  # (read at, Redis run id)
         self._submit = redis.register_script(_SUBMIT)
         self._start = redis.register_script(_START)
         self._complete = redis.register_script(_COMPLETE)
@@ -300,6 +362,7 @@ class JobQueue:
         self._cancel = redis.register_script(_CANCEL)
         self._mark_cancelled = redis.register_script(_MARK_CANCELLED)
         self._progress = redis.register_script(_PROGRESS)
+        self._drop_idle_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
 
     # -- shared ----------------------------------------------------------------------------------------------
 
@@ -333,13 +396,45 @@ class JobQueue:
                 pipe.xlen(stream)
             return sum(await pipe.execute())
 
+    async def run_id(self, max_age_s: float = 1.0) -> str:
+        """The Redis server's run id (new at every restart), cached for `max_age_s`."""
+        now = time.monotonic()
+        if self._run_id is None or now - self._run_id[0] > max_age_s:
+            info = await self.redis.info("server")
+            self._run_id = (now, str(info.get("run_id", "")))
+        return self._run_id[1]
+
+    async def new_job_id(self) -> str:
+        return new_job_id(await self.run_id())
+
+    async def missing_reason(self, job_id: str) -> str:
+        """Why a job is not in Redis: 'expired' (older than the TTL), 'lost' (stored in an earlier run of a Redis that
+        restarted without persistence, within its TTL), or 'unknown'."""
+        origin = job_id_origin(job_id)
+        if origin is None:
+            return "unknown"
+        created, tag = origin
+        if time.time() - created > self.job_ttl_s:
+            return "expired"
+        current = (await self.run_id(max_age_s=0.0))[:RUN_TAG_LEN]
+        return "lost" if tag != current else "unknown"
+
     # -- API side --------------------------------------------------------------------------------------------
+
+    async def idempotent_job(self, scope: str, key: str) -> str | None:
+        """The job id an Idempotency-Key of `scope` already names, if any."""
+        return cast("str | None", await self.redis.get(self.keys.idempotency(scope, key)))
+
+    async def recent_job(self, scope: str, fingerprint: str) -> str | None:
+        """The caller's latest sync job with this request fingerprint (still within its TTL), if any."""
+        return cast("str | None", await self.redis.get(self.keys.recent(scope, fingerprint)))
 
     async def submit(self, job_id: str, params: JobParams, *, priority: str = "normal",
                      idempotency: tuple[str, str] | None = None, fingerprint: str = "",
-                     owner: str = "") -> tuple[str, bool]:
+                     owner: str = "", remember: bool = False) -> tuple[str, bool]:
         """Enqueue a job; returns (job id, created). With an idempotency (scope, key) already used, returns the
-        original job id and created=False (the caller compares fingerprints). Raises QueueFull."""
+        original job id and created=False (the caller compares fingerprints). With `remember`, the job becomes the
+        owner's recent job for its fingerprint (`recent_job`). Raises QueueFull."""
         await self.ensure_groups(params.model)
         now = time.time()
         fields: dict[str, Any] = {
@@ -347,6 +442,8 @@ class JobQueue:
             "prompt": params.prompt, "negative_prompt": params.negative_prompt, "n": params.n,
             "width": params.width, "height": params.height, "steps": params.steps, "guidance": params.guidance,
             "seeds": json.dumps(list(params.seeds)), "response_format": params.response_format,
+            "output_format": params.output_format,
+            "output_compression": "" if params.output_compression is None else params.output_compression,
             "fingerprint": fingerprint, "owner": owner, "attempts": 0, "progress_step": 0,
             "progress_total": params.steps,
         }
@@ -354,7 +451,8 @@ class JobQueue:
         args: list[Any] = [job_id, self.max_length, self.job_ttl_s]
         for name, value in fields.items():
             args += [name, value]
-        keys = [self.keys.job(job_id), self.keys.stream(params.model, priority), idem_key,
+        recent_key = self.keys.recent(owner, fingerprint) if remember and fingerprint else ""
+        keys = [self.keys.job(job_id), self.keys.stream(params.model, priority), idem_key, recent_key,
                 *self.keys.streams(params.model)]
         outcome, value = await self._submit(keys=keys, args=args)
         if outcome == "full":
@@ -442,7 +540,10 @@ class JobQueue:
         return claims
 
     async def read(self, model: str, consumer: str, count: int, block_ms: int = 0) -> list[Claim]:
-        """New entries for `consumer`, highest priority first; blocks up to `block_ms` when all are empty."""
+        """New entries for `consumer`, highest priority first; blocks up to `block_ms` when all are empty. Reads at
+        most `count` entries; a `count` below 1 reads nothing (XREADGROUP would take COUNT 0 as no limit)."""
+        if count < 1:
+            return []
         streams = self.keys.streams(model)
         for stream in streams:
             replies = await self.redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
@@ -567,6 +668,31 @@ class JobQueue:
 
     async def forget_worker(self, model: str, consumer: str) -> None:
         await self.redis.hdel(self.keys.workers(model), consumer)
+
+    async def prune(self, model: str, *, stale_s: float, heartbeat_max_age_s: float) -> tuple[list[str], list[str]]:
+        """Forget dead workers: delete consumers of the model's group with nothing pending, idle for longer than
+        `stale_s` and without a heartbeat younger than that (XGROUP DELCONSUMER would drop pending entries, so
+        consumers with any are kept until they are reclaimed), and heartbeats older than `heartbeat_max_age_s`.
+        A live consumer that is removed anyway is recreated by its next read. Returns (consumers, heartbeats)
+        removed."""
+        beats = await self.all_heartbeats(model)
+        fresh = {b["consumer"] for b in beats if b["age_s"] <= stale_s}
+        old_beats = [b["consumer"] for b in beats if b["age_s"] > heartbeat_max_age_s]
+        if old_beats:
+            await self.redis.hdel(self.keys.workers(model), *old_beats)
+        removed: set[str] = set()
+        for stream in self.keys.streams(model):
+            try:
+                consumers = await self.redis.xinfo_consumers(stream, GROUP)
+            except ResponseError:  # no such stream or group yet
+                continue
+            for c in consumers:
+                name = c["name"]
+                idle_ms = int(c.get("idle", 0))  # since its last read or claim attempt
+                if int(c.get("pending", 0)) == 0 and name not in fresh and idle_ms > stale_s * 1000 and \
+                        await self._drop_idle_consumer(keys=[stream], args=[GROUP, name]):
+                    removed.add(name)
+        return sorted(removed), old_beats
 
     async def record_speed(self, model: str, seconds_per_image: float) -> None:
         """Exponential moving average of seconds per image, for Retry-After estimates."""

@@ -11,7 +11,9 @@ One worker owns one model on one device (the runner). Each turn of the loop:
 4. store images + status, then acknowledge. A crash before step 4 leaves entries pending for another worker.
 
 SIGTERM/SIGINT drains: stop reading, finish the claimed jobs, acknowledge, exit. Heartbeats go to Redis every
-`heartbeat_interval_s` (readiness and the heartbeat-age metric read them).
+`heartbeat_interval_s` (readiness and the heartbeat-age metric read them). Every `worker_stale_s` a worker also prunes
+what killed workers left behind: their consumers in the group (once nothing is pending on them) and heartbeats older
+than `HEARTBEAT_KEEP_STALE` x `worker_stale_s`.
 
 In `spo worker` the pipeline runs on the process's main thread and this loop on a thread beside it
 (`MainThreadCalls`): on the CPU, torch's OpenMP thread team runs a small UNet's many short parallel regions about
@@ -52,6 +54,9 @@ log = logging.getLogger(__name__)
 
 # An idle worker blocks on XREADGROUP this long at a time, then looks at stop requests and stale entries again.
 IDLE_BLOCK_MS = 250
+# A dead worker's heartbeat stays visible (readiness ignores it, the age metric shows it growing) this many times
+# worker_stale_s, then the pruning removes it.
+HEARTBEAT_KEEP_STALE = 4
 
 
 class BatchCancelled(Exception):
@@ -124,6 +129,7 @@ class Worker:
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_reclaim = -float("inf")
+        self._last_prune = time.monotonic()  # the first prune waits one period: start-up is not the moment
         self._state = "starting"
         self._under_load = False  # did the last batch have company? then it pays to wait for more
         self.batches_run = 0
@@ -219,6 +225,9 @@ class Worker:
             self._last_reclaim = now
             self._add_to_backlog(await self.queue.reclaim(self.model, self.consumer, s.visibility_timeout_s,
                                                           self.max_batch))
+        if now - self._last_prune >= s.worker_stale_s:
+            self._last_prune = now
+            await self._prune()
         need = self.max_batch - images(self.backlog)
         if need > 0:
             block_ms = 0 if self.backlog else IDLE_BLOCK_MS
@@ -229,12 +238,22 @@ class Worker:
         deadline = min(c.received_at for c in self.backlog) + s.max_wait_ms / 1000
         while can_grow(self.backlog, self.max_batch) and not self.stopping:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
+            room = self.max_batch - images(self.backlog)  # the backlog may be full of jobs the batch cannot take
+            if remaining_ms <= 0 or room <= 0:
                 break
-            more = await self.queue.read(self.model, self.consumer, self.max_batch - images(self.backlog), remaining_ms)
+            more = await self.queue.read(self.model, self.consumer, room, remaining_ms)
             if not more:
                 break
             self._add_to_backlog(more)
+
+    async def _prune(self) -> None:
+        s = self.settings
+        consumers, beats = await self.queue.prune(
+            self.model, stale_s=s.worker_stale_s,
+            heartbeat_max_age_s=max(30.0, HEARTBEAT_KEEP_STALE * s.worker_stale_s))
+        if consumers or beats:
+            log.info("pruned dead workers of %s: %d idle consumer(s) without pending jobs, %d stale heartbeat(s)",
+                     self.model, len(consumers), len(beats))
 
     async def _keep_claimed(self, claims: list[Claim]) -> None:
         """While a batch runs, reset the idle time of its entries and of the backlog's (claimed, waiting for a

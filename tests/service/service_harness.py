@@ -35,14 +35,15 @@ def free_port() -> int:
 class ApiServer:
     """The real app under uvicorn, in a thread, on a free port."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, http: str = "auto") -> None:
         import uvicorn
 
         from service.api.app import create_app
+        from service.api.server import server_config
 
         self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=free_port(), log_level="warning",
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(server_config(self.app, settings, host="127.0.0.1", port=free_port(),
+                                                   log_level="warning", lifespan="on", http=http))
         self.url = f"http://127.0.0.1:{self.server.config.port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
