@@ -576,7 +576,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
     install_error_handlers(app)
     app.include_router(v1)
     app.include_router(ops)
-    mount_playground(app)  # the web page at / (SPO_PLAYGROUND=false: off)
+    mount_playground(app, settings.playground)  # the web page at / (SPO_PLAYGROUND=false: off)
     metrics.initialise_api((r.path, method, r.status_code or 200) for r in (*v1.routes, *ops.routes)
                            if isinstance(r, APIRoute) for method in sorted(r.methods or ()))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, unread=NOT_SUPPORTED_PATHS)

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.exceptions import RedisError
 
 from service.api.errors import ApiError, error_response
@@ -32,14 +31,6 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
            "Cache-Control": "no-cache"}
-
-
-class PlaygroundSettings(BaseSettings):
-    """`SPO_PLAYGROUND`: whether `/` serves the playground (on by default; `false`, `0`, `no` switch it off)."""
-
-    model_config = SettingsConfigDict(env_prefix="SPO_", extra="ignore")
-
-    playground: bool = True
 
 
 class _Serving(Protocol):
@@ -80,10 +71,8 @@ async def asset(name: str) -> FileResponse:
     return FileResponse(STATIC / name, media_type=ASSETS[name], headers=HEADERS)
 
 
-def mount_playground(app: FastAPI, enabled: bool | None = None) -> bool:
-    """Add the playground's routes unless switched off (`enabled`, else `SPO_PLAYGROUND`); returns whether it did."""
-    if enabled is None:
-        enabled = PlaygroundSettings().playground
+def mount_playground(app: FastAPI, enabled: bool) -> bool:
+    """Add the playground's routes unless switched off (`SPO_PLAYGROUND`); returns whether it did."""
     if enabled:
         app.include_router(router)
     return enabled

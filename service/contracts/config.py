@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text: one readable line per record; json: one "
                                                                     "JSON object per line, for log pipelines")
 
+    # The web playground at / (service.api.playground)
+    playground: bool = Field(True, description="serve the web playground at / (false: / is a 404)")
+
     # HTTP (enforced by the API's server, whatever its HTTP parser: service.api.server)
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted request body (413 past it)")
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="largest request line + headers (431 past it)")
