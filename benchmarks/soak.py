@@ -8,8 +8,9 @@ running service. Every client sends POST /v1/images/generations, then its next r
 Every 5 s it samples the RSS of every process of the service (the serve/API process, each worker, redis-server) and
 Redis' `used_memory` and key count. Per minute it reports requests, errors, p50 and p99 latency, the RSS of each
 process and Redis' memory and keys at the minute's end; as a table (stdout and `table.md`), `soak.json` and a PNG
-(`soak.png`: latency, RSS per process, Redis memory and keys). Flat RSS and Redis memory bounded by the job TTL
-(`SPO_JOB_TTL_S`, default 3600 s: keys grow until the first jobs expire, then level) are what a healthy run shows.
+(`soak.png`: latency, RSS per process, Redis memory and keys). Flat RSS and Redis memory bounded by the job TTL are
+what a healthy run shows: the service it starts keeps jobs `--job-ttl-s` (120 s, so keys level within the run; the
+service default is 3600 s).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(port: int, log_path: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_service(port: int, log_path: Path, max_batch: int, job_ttl_s: int,
+                  torch_threads: int | None) -> tuple[subprocess.Popen, str]:
     """`spo serve` with a private Redis on a TCP port of its own (so this script can read its memory)."""
     import redis
 
@@ -62,7 +64,8 @@ def start_service(port: int, log_path: Path, max_batch: int) -> tuple[subprocess
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-    env = {**os.environ, "SPO_REDIS_URL": url, "SPO_MAX_BATCH": str(max_batch), "SPO_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "SPO_REDIS_URL": url, "SPO_MAX_BATCH": str(max_batch), "SPO_LOG_LEVEL": "WARNING",
+           "SPO_JOB_TTL_S": str(job_ttl_s), **({"SPO_TORCH_THREADS": str(torch_threads)} if torch_threads else {})}
     serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port",
                               str(port)], env=env, cwd=ROOT, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                              start_new_session=True)
@@ -111,6 +114,10 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--job-ttl-s", type=int, default=120, help="SPO_JOB_TTL_S of the service it starts")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="SPO_TORCH_THREADS of its worker (1 on a machine busy with other work: torch's OpenMP "
+                             "team degrades badly when one of its threads is descheduled)")
     parser.add_argument("--url", help="a running service (then --redis-url too); default: start spo serve")
     parser.add_argument("--redis-url")
     parser.add_argument("--out", type=Path, default=None, help="folder for soak.json, table.md, soak.png")
@@ -129,7 +136,7 @@ def main() -> int:
         base, redis_url = args.url.rstrip("/"), args.redis_url
     else:
         port = free_port()
-        serve, redis_url = start_service(port, out / "serve.log", args.max_batch)
+        serve, redis_url = start_service(port, out / "serve.log", args.max_batch, args.job_ttl_s, args.torch_threads)
         base = f"http://127.0.0.1:{port}"
     store = redis.Redis.from_url(redis_url)
     try:
@@ -161,7 +168,7 @@ def main() -> int:
 
         def sample() -> None:
             while not stop.is_set():
-                row: dict = {"t": time.monotonic() - started, "rss_mib": {}}
+                row: dict = {"t": time.monotonic() - started, "rss_mib": {}, "load1": os.getloadavg()[0]}
                 for name, pid in procs.items():
                     try:
                         row["rss_mib"][name] = psutil.Process(pid).memory_info().rss / 2**20
@@ -199,22 +206,26 @@ def main() -> int:
     rows = []
     for m in range(minutes):
         lat = [lt for t, lt, s in results if m * 60 <= t < (m + 1) * 60 and s == 200]
-        errors = sum(1 for t, _, s in results if m * 60 <= t < (m + 1) * 60 and s != 200)
+        failed = [s for t, _, s in results if m * 60 <= t < (m + 1) * 60 and s != 200]
+        errors = len(failed)
         at_end = [s for s in samples if s["t"] < (m + 1) * 60] or samples[:1]
         last = at_end[-1]
         rows.append({"minute": m + 1, "requests": len(lat) + errors, "errors": errors,
                      "p50_s": float(np.percentile(lat, 50)) if lat else float("nan"),
                      "p99_s": float(np.percentile(lat, 99)) if lat else float("nan"),
+                     "error_statuses": {str(k): failed.count(k) for k in sorted(set(failed))},
+                     "load1": round(last.get("load1", float("nan")), 1),
                      "rss_mib": {k: round(v, 1) for k, v in last["rss_mib"].items()},
                      "redis_used_mib": round(last["redis_used_mib"], 2), "redis_keys": last["redis_keys"]})
     names = list(procs)
     header = ["min", "requests", "errors", "p50 s", "p99 s", *[f"RSS {n} MiB" for n in names], "Redis MiB",
-              "Redis keys"]
+              "Redis keys", "load avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["minute"], r["requests"], r["errors"], f"{r['p50_s']:.3f}", f"{r['p99_s']:.3f}",
+        errors = f"{r['errors']} {r['error_statuses']}" if r["errors"] else "0"
+        cells = [r["minute"], r["requests"], errors, f"{r['p50_s']:.3f}", f"{r['p99_s']:.3f}",
                  *[f"{r['rss_mib'].get(n, float('nan')):.0f}" for n in names], f"{r['redis_used_mib']:.2f}",
-                 r["redis_keys"]]
+                 r["redis_keys"], r["load1"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     table = "\n".join(lines)
     total_ok = sum(1 for _, _, s in results if s == 200)

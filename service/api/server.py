@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import re
-import time
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -339,7 +338,9 @@ def server_config(app: Any, settings: Settings, *, host: str, port: int, log_lev
 
 
 def run_api(app: Any, settings: Settings, *, host: str, port: int, log_level: str | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn's graceful shutdown, then the signal is re-raised as uvicorn.run does)."""
-    started = time.monotonic()
-    uvicorn.Server(server_config(app, settings, host=host, port=port, log_level=log_level)).run()
-    log.debug("API server ran %.1fs", time.monotonic() - started)
+    """Serve until SIGINT/SIGTERM (uvicorn's graceful shutdown, then the signal is re-raised), as uvicorn.run does;
+    a server that could not start (port taken, lifespan failure) exits with uvicorn's status 3."""
+    server = uvicorn.Server(server_config(app, settings, host=host, port=port, log_level=log_level))
+    server.run()
+    if not server.started:
+        raise SystemExit(3)
