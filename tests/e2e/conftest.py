@@ -12,18 +12,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "service"))  # the service tests' harness (service_harness.py)
 
 from playground_harness import DESKTOP  # noqa: E402
-from service_harness import free_port  # noqa: E402
+from service_harness import free_port, wait_process_ready  # noqa: E402
 
 
 def chromium_path() -> str | None:
@@ -82,16 +80,7 @@ def spo_serve(tmp_path_factory) -> Iterator[str]:
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_process_ready(proc, url, log_path, timeout=180)
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)

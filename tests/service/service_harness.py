@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -114,6 +115,21 @@ def wait_ready(url: str, timeout: float = 30, headers: dict | None = None) -> No
             return
         time.sleep(0.1)
     raise AssertionError(f"service at {url} not ready after {timeout}s")
+
+
+def wait_process_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
+    """Until a `spo serve` / `spo api` subprocess answers 200 on /readyz; fails with its log if it exits first or
+    takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
 
 
 def wait_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 60) -> dict:

@@ -10,12 +10,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from service_harness import PROMPT, free_port
+from service_harness import PROMPT, free_port, wait_process_ready
 
 from service.cli import main
 
@@ -32,16 +31,7 @@ def test_spo_serve_with_embedded_redis(manifest_path, tmp_path):
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_process_ready(proc, url, log_path, timeout=120)
         assert "started a private embedded Redis" in log_path.read_text()
 
         if shutil.which("curl"):  # the README's curl example
