@@ -31,8 +31,8 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def browser():
+@pytest.fixture(scope="module")  # not the session: playwright's sync API keeps an asyncio loop running in this
+def browser():                    # thread while it is open, and later tests' asyncio.run() would refuse to start
     path = chromium_path()
     if path is None:
         pytest.skip("no Chromium on PATH (Debian: apt-get install -y chromium; .ci/run installs it)")
