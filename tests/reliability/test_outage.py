@@ -99,7 +99,7 @@ def test_redis_outages_answer_503_and_recover(prefix, manifest_path, tmp_path):
             "worker restarts": 0 if worker.poll() is None else "died",
             "final request": final.status_code,
         })
-        assert final.status_code == 200
+        assert final.status_code == 200, final.text
         bad = [(s, c) for _, s, c in answers if s != 200 and not (s == 503 and c in DOCUMENTED_503)]
         assert not bad, Counter(bad)
         assert set(health_during) == {200}
