@@ -64,22 +64,14 @@ _TYPE_NAMES = {"int": "an integer", "float": "a number", "string": "a string", "
                "dict": "an object", "list": "an array", "none": "null"}
 
 
+# bool before int: a bool is an int to isinstance.
+_JSON_TYPES: tuple[tuple[type, str], ...] = ((type(None), "null"), (bool, "a boolean"), (int, "an integer"),
+                                             (float, "a number"), (str, "a string"), (list, "an array"),
+                                             (dict, "an object"))
+
+
 def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+    return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)), type(value).__name__)
 
 
 # Why a value of an OpenAI parameter is refused here, appended to OpenAI's "Invalid value" message.

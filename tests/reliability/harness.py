@@ -4,6 +4,7 @@ processes, counts printed as a table."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +39,18 @@ def start_worker(settings, log_path: Path, **env_overrides: str) -> subprocess.P
     cmd = [sys.executable, "-m", "service.cli", "worker", "--model", "spo-tiny", "--manifest", str(settings.manifest),
            "--redis-url", settings.redis_url]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log_path.open("a"), stderr=subprocess.STDOUT)
+
+
+def stop_workers(procs: list[subprocess.Popen], timeout: float = 30) -> None:
+    """SIGTERM every worker still running (they drain), then kill any that has not exited within `timeout`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def wait_workers(client: httpx.Client, count: int, timeout: float = 180) -> None:

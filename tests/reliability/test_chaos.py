@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis
 from conftest import env_int
-from harness import start_worker, table, wait_workers
+from harness import start_worker, stop_workers, table, wait_workers
 from service_harness import PROMPT, ApiServer, make_settings
 
 from service.contracts.queue import GROUP, Keys
@@ -118,14 +118,7 @@ def test_worker_sigkills_lose_and_double_nothing(redis_url, prefix, manifest_pat
         assert changed == 0
         assert len(consumers) <= workers_n, consumers
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except Exception:
-                proc.kill()
+        stop_workers(procs)
         client.close()
         server.stop()
         store.close()

@@ -17,7 +17,7 @@ from collections import Counter
 import httpx
 import pytest
 from conftest import env_int
-from harness import start_worker, table, wait_workers
+from harness import start_worker, stop_workers, table, wait_workers
 from service_harness import PROMPT, ApiServer, free_port, make_settings
 
 from service.embedded_redis import EmbeddedRedis
@@ -106,11 +106,7 @@ def test_redis_outages_answer_503_and_recover(prefix, manifest_path, tmp_path):
         assert by_kind[(503, "queue_unavailable")] > 0  # the outages were seen
     finally:
         stop.set()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except Exception:
-            worker.kill()
+        stop_workers([worker])
         client.close()
         server.stop()
         redis_server.close()
