@@ -31,15 +31,22 @@ def chromium_path() -> str | None:
     return None
 
 
+def _missing(message: str) -> None:
+    """Skip the browser tests, or fail them in CI, which installs the browser and must run them."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI=true: .ci/run should have installed it)")
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="module")  # not the session: playwright's sync API keeps an asyncio loop running in this
 def browser():                    # thread while it is open, and later tests' asyncio.run() would refuse to start
     path = chromium_path()
     if path is None:
-        pytest.skip("no Chromium on PATH (Debian: apt-get install -y chromium; .ci/run installs it)")
+        _missing("no Chromium on PATH (Debian: apt-get install -y chromium; .ci/run installs it)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("the playwright package is not installed (pip install -e '.[dev]')")
+        _missing("the playwright package is not installed (pip install -e '.[dev]')")
     with sync_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
         launched = playwright.chromium.launch(executable_path=path, args=["--no-sandbox"])
