@@ -112,10 +112,12 @@ def main() -> None:
             crows = rows.repeat(K)
             view = predicted_x0(scheduler, eps(cand, s + 1, crows), ts[s + 1], cand) if s + 1 < STEPS else cand
             view_total = part_and_total(view, crows)[1]  # a step-unaware scorer: the rater's total on the preview
-            unit = decode_to_unit(pipe.vae, view)
-            t_view = ts[s + 1] if s + 1 < STEPS else torch.tensor(0)
-            spm_scores = {name: spm.score(unit, [prompts[j] for j in crows.tolist()], t_view.expand(len(unit)))
-                          .float().numpy().reshape(K, n) for name, spm in spms.items()}
+            spm_scores = {}
+            if spms:  # the same previews, decoded once for every SPM
+                unit = decode_to_unit(pipe.vae, view)
+                t_view = ts[s + 1] if s + 1 < STEPS else torch.tensor(0)
+                spm_scores = {name: spm.score(unit, [prompts[j] for j in crows.tolist()], t_view.expand(len(unit)))
+                              .float().numpy().reshape(K, n) for name, spm in spms.items()}
             y, yrows = cand.repeat(m, 1, 1, 1), crows.repeat(m)
             for j in range(s + 1, STEPS):
                 y = ddim_step(scheduler, eps(y, j, yrows), ts[j], y, 1.0, generator=g)
