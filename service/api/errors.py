@@ -64,6 +64,11 @@ _TYPE_NAMES = {"int": "an integer", "float": "a number", "string": "a string", "
                "dict": "an object", "list": "an array", "none": "null"}
 
 
+# pydantic's bound errors -> (OpenAI's code part, the comparison, the context key of the bound).
+_BOUNDS = {"greater_than_equal": ("below_min", ">=", "ge"), "greater_than": ("below_min", ">", "gt"),
+           "less_than_equal": ("above_max", "<=", "le"), "less_than": ("above_max", "<", "lt")}
+_BOUND_WORDS = {"below_min": "below minimum", "above_max": "above maximum"}
+
 # bool before int: a bool is an int to isinstance.
 _JSON_TYPES: tuple[tuple[type, str], ...] = ((type(None), "null"), (bool, "a boolean"), (int, "an integer"),
                                              (float, "a number"), (str, "a string"), (list, "an array"),
@@ -121,18 +126,12 @@ def openai_validation_error(err: dict) -> tuple[str, str | None, str | None]:
             wanted = "an object"
         return (f"Invalid type for {name}: expected {wanted}, but got {_json_type(value)} instead.", param,
                 "invalid_type")
-    if kind in ("greater_than_equal", "greater_than"):
-        bound = ctx.get("ge", ctx.get("gt"))
-        code = "integer_below_min_value" if isinstance(value, int) else "decimal_below_min_value"
-        op = ">=" if kind == "greater_than_equal" else ">"
-        return (f"Invalid {name}: {code.split('_')[0]} below minimum value. Expected a value {op} {bound}, but got "
-                f"{value} instead.", param, code)
-    if kind in ("less_than_equal", "less_than"):
-        bound = ctx.get("le", ctx.get("lt"))
-        code = "integer_above_max_value" if isinstance(value, int) else "decimal_above_max_value"
-        op = "<=" if kind == "less_than_equal" else "<"
-        return (f"Invalid {name}: {code.split('_')[0]} above maximum value. Expected a value {op} {bound}, but got "
-                f"{value} instead.", param, code)
+    if kind in _BOUNDS:
+        side, op, key = _BOUNDS[kind]
+        number = "integer" if isinstance(value, int) else "decimal"
+        code = f"{number}_{side}_value"
+        return (f"Invalid {name}: {number} {_BOUND_WORDS[side]} value. Expected a value {op} {ctx.get(key)}, but "
+                f"got {value} instead.", param, code)
     if kind == "string_too_long":
         limit = ctx.get("max_length")
         return (f"Invalid {name}: string too long. Expected a string with maximum length {limit}, but got a string "
